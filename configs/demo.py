@@ -1,0 +1,42 @@
+"""The demo: VisE on the synthetic social world, on a laptop CPU.
+
+  python launch/pipeline.py --config=configs/demo.py --workdir=workdirs/demo
+
+Variants after a colon: `configs/demo.py:size=tiny` is a seconds-long world for tests and smoke
+runs. The world is generated into {workdir}/world as ordinary posts and ingested like real data.
+"""
+
+from vise_jax import configlib
+
+SIZES = {
+    'default': dict(num_pretrain=4000, num_downstream_train=1000, num_downstream_test=1000),
+    'tiny': dict(num_pretrain=48, num_downstream_train=24, num_downstream_test=24,
+                 posts_per_chunk=16),
+}
+
+
+def get_config(arg=None):
+    arg = configlib.parse_arg(arg, size='default')
+    if arg.size not in SIZES:
+        raise ValueError(f'configs/demo.py: unknown size {arg.size!r}; known: {sorted(SIZES)}')
+    config = configlib.default_config()
+    config.demo.enabled = True
+    config.demo.update(SIZES[arg.size])
+    config.posts.manifest = '{workdir}/world/posts.jsonl'
+    # The world is generated clean: a rejected row would be a bug in the generator.
+    config.ingest.on_error = 'fail'
+    config.ingest.rows_per_shard = 1000
+
+    # Six moods and ten objects: a few clusters per mood, and a finer granularity.
+    config.cluster.comment_ks = (16, 64)
+    config.cluster.reaction_ks = (8,)
+
+    config.input.image_size = 64
+    config.input.global_batch_size = 128
+    config.input.num_workers = 2
+    config.model.name = 'resnet18'
+    config.model.compute_dtype = 'float32'   # bf16 matmuls are slow on most CPUs
+    config.train.epochs = 10
+    config.train.log_every_steps = 10
+    config.train.checkpoint_every_steps = 100
+    return config

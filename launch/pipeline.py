@@ -1,0 +1,13 @@
+"""Runs every stage of the pipeline in order, skipping those already done.
+
+  python launch/pipeline.py --config=configs/demo.py --workdir=workdirs/demo
+
+Stages today: demo_world (when config.demo.enabled), ingest.
+"""
+
+import cli
+
+from vise_jax import pipeline
+
+if __name__ == '__main__':
+    cli.run_stages(list(pipeline.STAGES))

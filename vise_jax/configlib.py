@@ -1,0 +1,118 @@
+"""Config helpers shared by configs/*.py: variant parsing and the default config.
+
+`default_config()` names every key a stage reads, with its default and a comment, so config files
+only state what differs and `--config.x.y=...` overrides are type-checked against a real key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from vise_jax.demo.world import WorldSpec
+from vise_jax.posts.schema import REACTION_TYPES
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses a big_vision-style variant string 'key=value,flag' against typed defaults.
+
+    A bare key sets a boolean to True; values are converted to the type of the default.
+    """
+    parsed = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or '').split(',')):
+        key, has_value, value = item.partition('=')
+        if key not in defaults:
+            raise ValueError(f'unknown config variant {key!r}; known: {sorted(defaults)}')
+        default = defaults[key]
+        if not has_value:
+            if not isinstance(default, bool):
+                raise ValueError(f'config variant {key!r} needs a value ({key}=...)')
+            parsed[key] = True
+        elif isinstance(default, bool):
+            parsed[key] = _parse_bool(key, value)
+        else:
+            parsed[key] = type(default)(value)
+    return parsed
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ('1', 'true', 'yes'):
+        return True
+    if lowered in ('0', 'false', 'no'):
+        return False
+    raise ValueError(f'config variant {key!r} wants a boolean, got {value!r}')
+
+
+def demo_world_knobs() -> dict:
+    """The demo world's generator knobs, straight from WorldSpec (its seed is config.seed)."""
+    knobs = dataclasses.asdict(WorldSpec())
+    del knobs['seed']
+    return knobs
+
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # The synthetic social world (vise_jax/demo). When enabled, the pipeline writes it into
+    # {workdir}/world as ordinary posts and ingests it like real data.
+    config.demo = ml_collections.ConfigDict()
+    config.demo.enabled = False
+    config.demo.num_pretrain = 4000           # posts with comments and reactions
+    config.demo.num_downstream_train = 1000   # labelled images for the linear probes
+    config.demo.num_downstream_test = 1000
+    config.demo.posts_per_chunk = 500         # unit of resumption while writing
+    config.demo.jpeg_quality = 90
+    config.demo.world = demo_world_knobs()
+
+    # Where the posts come from: JSONL manifest(s) (comma-separated, globs allowed).
+    # '{workdir}' is replaced by --workdir. See docs/data_format.md.
+    config.posts = ml_collections.ConfigDict()
+    config.posts.manifest = ''
+    config.posts.image_root = ''              # '' = relative paths resolve beside the manifest
+    config.posts.reaction_types = REACTION_TYPES
+
+    config.ingest = ml_collections.ConfigDict()
+    config.ingest.on_error = 'skip'           # 'fail' at the first bad row, or 'skip' and report
+    config.ingest.max_rejected_fraction = 0.05
+    config.ingest.rows_per_shard = 10_000
+    config.ingest.num_threads = 8
+
+    # Pseudo-label granularities: one softmax head per (engagement type, K).
+    config.cluster = ml_collections.ConfigDict()
+    config.cluster.comment_ks = (1000, 5000)
+    config.cluster.reaction_ks = (50,)
+
+    # Read by the training stage.
+    config.input = ml_collections.ConfigDict()
+    config.input.image_size = 224
+    config.input.global_batch_size = 4096
+    config.input.num_workers = 16             # Grain worker processes per host
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = 'resnet50'
+    config.model.zero_init_last_bn = True
+    config.model.compute_dtype = 'bfloat16'
+    config.model.param_dtype = 'float32'
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.momentum = 0.9
+    config.optim.nesterov = True
+    config.optim.base_lr = 0.1                # per 256 images; scaled with the global batch
+    config.optim.weight_decay = 1e-4
+    config.optim.warmup_epochs = 1.0
+    config.optim.label_smoothing = 0.0
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 10
+    config.train.grad_accum_steps = 1
+    config.train.log_every_steps = 100
+    config.train.checkpoint_every_steps = 1000
+
+    # Device mesh: -1 takes every remaining device.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    return config

@@ -1,0 +1,105 @@
+"""The pipeline's stages: each turns the config into library calls and one workdir artefact.
+
+A stage is `fn(config, workdir) -> record`, where the record is the stage's `stage.json`
+(artifacts.StageDir). A stage whose output is complete and still matches its config and inputs is
+skipped; otherwise it (re)builds or resumes. Stages run in the order of STAGES.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from vise_jax import artifacts, posts
+from vise_jax.demo import world, writer
+from vise_jax.errors import InputError
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+
+
+def resolve_manifests(pattern: str, workdir: str | os.PathLike) -> list[Path]:
+    """Expands '{workdir}', comma-separated entries and globs into a sorted list of files."""
+    if not pattern:
+        raise InputError('config.posts.manifest is empty: set --config.posts.manifest=PATH '
+                         '(a JSONL file, a glob, or several separated by commas; '
+                         'see docs/data_format.md)')
+    paths = []
+    for entry in pattern.format(workdir=workdir).split(','):
+        matches = sorted(glob.glob(entry.strip()))
+        if not matches:
+            raise InputError(f'config.posts.manifest: no file matches {entry.strip()!r}')
+        paths.extend(Path(m) for m in matches)
+    return paths
+
+
+def _run_or_skip(stage: artifacts.StageDir, build: Callable[[], Any]) -> Record:
+    if stage.is_complete():
+        log.info('%s: up to date in %s, skipped', stage.name, stage.path)
+    else:
+        build()
+    return stage.record()
+
+
+def demo_world_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record | None:
+    if not config.demo.enabled:
+        log.info('demo_world: config.demo.enabled is False, nothing to generate')
+        return None
+    spec = world.WorldSpec(seed=config.seed, **config.demo.world)
+    sizes = writer.WorldSizes(pretrain=config.demo.num_pretrain,
+                              downstream_train=config.demo.num_downstream_train,
+                              downstream_test=config.demo.num_downstream_test)
+    stage = artifacts.StageDir(workdir / 'world', 'demo_world', {
+        'version': writer.FORMAT_VERSION, 'spec': dataclasses.asdict(spec),
+        'sizes': sizes.by_split(), 'jpeg_quality': config.demo.jpeg_quality})
+    return _run_or_skip(stage, lambda: writer.write_world(
+        spec, sizes, stage, posts_per_chunk=config.demo.posts_per_chunk,
+        jpeg_quality=config.demo.jpeg_quality, config=config.to_dict()))
+
+
+def ingest_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
+    manifests = resolve_manifests(config.posts.manifest, workdir)
+    options = posts.IngestOptions(
+        reaction_types=tuple(config.posts.reaction_types),
+        on_error=config.ingest.on_error,
+        max_rejected_fraction=config.ingest.max_rejected_fraction,
+        rows_per_shard=config.ingest.rows_per_shard,
+        num_threads=config.ingest.num_threads,
+        image_root=config.posts.image_root.format(workdir=workdir))
+    # Only what changes the store is fingerprinted: more threads give the same bytes.
+    store_options = dataclasses.asdict(options)
+    del store_options['num_threads']
+    stage = artifacts.StageDir(workdir / 'posts', 'ingest', {
+        'version': posts.store.STORE_VERSION, 'options': store_options,
+        'manifests': [artifacts.file_identity(m) for m in manifests]})
+
+    def build():
+        report = posts.ingest(manifests, stage, options, config=config.to_dict())
+        log.info('%s', posts.summarize(report))
+
+    return _run_or_skip(stage, build)
+
+
+STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], Record | None]] = {
+    'demo_world': demo_world_stage,
+    'ingest': ingest_stage,
+}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+        stages: Sequence[str] = tuple(STAGES)) -> dict[str, Record | None]:
+    """Runs the named stages in pipeline order; returns each stage's record."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise InputError(f'unknown stages {sorted(unknown)}; known: {list(STAGES)}')
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return {name: STAGES[name](config, workdir) for name in STAGES if name in stages}
