@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,10 @@ def _run_or_skip(stage: artifacts.StageDir, build: Callable[[], Any]) -> Record:
     if stage.is_complete():
         log.info('%s: up to date in %s, skipped', stage.name, stage.path)
     else:
+        log.info('%s: building %s', stage.name, stage.path)
+        start = time.perf_counter()
         build()
+        log.info('%s: done in %.1f s -> %s', stage.name, time.perf_counter() - start, stage.path)
     return stage.record()
 
 

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,9 @@ def write_world(
                     artifacts.atomic_write_text(part, ''.join(json.dumps(r) + '\n' for r in rows))
                 progress.update(len(indices))
     summary = _write_indexes(out, spec, sizes)
-    return stage.finish(config, summary)['summary']
+    record = stage.finish(config, summary)
+    shutil.rmtree(out / 'parts')  # merged into the indexes; only needed to resume
+    return record['summary']
 
 
 def _chunk_ranges(count: int, size: int) -> Iterator[range]:

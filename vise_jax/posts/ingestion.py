@@ -92,6 +92,7 @@ def ingest(manifests: Sequence[str | os.PathLike], stage: artifacts.StageDir,
     report = _finalize(out, manifests, options)
     _check_rejected_fraction(report, options, out)
     stage.finish(config, summary=report)
+    _remove_chunk_bookkeeping(out)
     return report
 
 
@@ -224,6 +225,12 @@ def _finalize(out: Path, manifests: list[Path], options: IngestOptions) -> dict[
     store_lib.write_index(out, {k: r['accepted'] for k, r in chunk_records.items()},
                           options.reaction_types, extra={'report': REPORT})
     return report
+
+
+def _remove_chunk_bookkeeping(out: Path) -> None:
+    """Once the store is finished, the per-chunk records are merged and no longer needed."""
+    for path in [*out.glob('chunk-*.json'), *out.glob('rejected-*.jsonl')]:
+        path.unlink()
 
 
 def _check_rejected_fraction(report: dict[str, Any], options: IngestOptions, out: Path) -> None:
