@@ -52,6 +52,9 @@ def test_round_trip_preserves_every_field(manifest_maker, tmp_path):
     assert store.meta(3).image is None and store.meta(3).comments == store[3].comments
     # Two shards of two posts each, opened by Grain as a plain ArrayRecord source.
     assert len(store.index['shards']) == 2
+    # Per-chunk bookkeeping is merged into report.json / rejected.jsonl and removed.
+    assert not list((tmp_path / 'store').glob('chunk-*')) + \
+        list((tmp_path / 'store').glob('rejected-*'))
     dataset = grain.MapDataset.source(store.image_source)
     assert dataset[2] == jpeg_bytes(3)
     with pytest.raises(IndexError, match='out of range'):
