@@ -1,0 +1,312 @@
+"""JAX k-means against scikit-learn and a numpy reference, on 8 fake CPU devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+
+from vise_jax import sharding
+from vise_jax.cluster import kmeans
+from vise_jax.errors import InputError
+
+
+def blobs(n: int, d: int, centres: int, seed: int = 0, spread: float = 1.0,
+          separation: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows float32, true centres): Gaussian blobs around centres drawn with `separation` scale."""
+    rng = np.random.default_rng(seed)
+    true_centres = rng.normal(0, separation, (centres, d))
+    members = rng.integers(0, centres, n)
+    rows = true_centres[members] + rng.normal(0, spread, (n, d))
+    return rows.astype(np.float32), true_centres
+
+
+def options(k: int, **overrides) -> kmeans.KMeansOptions:
+    return kmeans.KMeansOptions(k=k, progress=False, **overrides)
+
+
+def one_device_mesh():
+    return sharding.make_mesh(devices=jax.devices()[:1])
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+@pytest.mark.parametrize('n, d, k', [(1003, 5, 6), (517, 16, 12), (2000, 3, 30)])
+def test_lloyd_matches_sklearn_from_the_same_start(n, d, k):
+    x, _ = blobs(n, d, k, seed=n, spread=1.5, separation=3.0)
+    init = x[np.random.default_rng(1).choice(n, k, replace=False)]
+    ours = kmeans.fit(x, options(k, max_iters=50, tol=1e-4), init_centroids=init)
+    theirs = KMeans(k, init=init, n_init=1, algorithm='lloyd', max_iter=50, tol=1e-4).fit(x)
+    ids, distances = kmeans.assign(x, ours.centroids)
+    np.testing.assert_array_equal(ids, theirs.labels_)
+    assert relative(ours.inertia, theirs.inertia_) < 1e-4
+    assert relative(float(distances.sum()), theirs.inertia_) < 1e-4
+    assert ours.iterations == theirs.n_iter_
+    np.testing.assert_allclose(ours.centroids, theirs.cluster_centers_, atol=1e-4)
+    np.testing.assert_array_equal(ours.counts, np.bincount(theirs.labels_, minlength=k))
+
+
+def test_sklearn_agreement_holds_when_iterations_run_out():
+    x, _ = blobs(1500, 8, 20, seed=3, spread=2.0, separation=2.0)
+    init = x[:20]
+    ours = kmeans.fit(x, options(20, max_iters=3, tol=0.0), init_centroids=init)
+    theirs = KMeans(20, init=init, n_init=1, algorithm='lloyd', max_iter=3, tol=0.0).fit(x)
+    assert (ours.iterations, ours.converged) == (3, False)
+    assert relative(ours.inertia, theirs.inertia_) < 1e-4
+    np.testing.assert_array_equal(kmeans.assign(x, ours.centroids)[0], theirs.labels_)
+    # Without the final assignment: the same centroids, with the third assignment's inertia.
+    lean = kmeans.fit(x, options(20, max_iters=3, tol=0.0, final_assignment=False),
+                      init_centroids=init)
+    np.testing.assert_array_equal(lean.centroids, ours.centroids)
+    two_updates = KMeans(20, init=init, n_init=1, algorithm='lloyd', max_iter=2, tol=0.0).fit(x)
+    third_assignment = kmeans.assign(x, two_updates.cluster_centers_)
+    assert relative(lean.inertia, float(third_assignment[1].sum())) < 1e-4
+    assert lean.inertia > ours.inertia
+
+
+@pytest.mark.parametrize('init', ['k-means++', 'k-means||', 'random'])
+def test_sharded_fit_equals_one_device_fit(init):
+    x, _ = blobs(1001, 6, 9, seed=5, spread=1.5, separation=3.0)  # 1001 rows: 8 devices pad
+    fits = [kmeans.fit(x, options(9, init=init, seed=7), mesh=mesh)
+            for mesh in (one_device_mesh(), sharding.make_mesh(), sharding.make_mesh(fsdp=2))]
+    for other in fits[1:]:
+        np.testing.assert_allclose(other.centroids, fits[0].centroids, rtol=1e-5, atol=1e-5)
+        assert relative(other.inertia, fits[0].inertia) < 1e-5
+        assert other.iterations == fits[0].iterations
+        np.testing.assert_array_equal(other.counts, fits[0].counts)
+    assert fits[0].counts.sum() == 1001
+
+
+def test_same_seed_same_result_and_seeds_differ():
+    x, _ = blobs(800, 4, 15, seed=2, spread=2.0, separation=2.0)
+    first, again, other = (kmeans.fit(x, options(15, seed=seed, max_iters=2))
+                           for seed in (3, 3, 4))
+    np.testing.assert_array_equal(first.centroids, again.centroids)
+    assert first.inertia == again.inertia
+    assert not np.allclose(first.centroids, other.centroids)
+
+
+def spherical_reference(x, init, max_iters, tol):
+    """Spherical k-means in float64 numpy, stopping by scikit-learn's rules."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = init / np.linalg.norm(init, axis=1, keepdims=True)
+    tol = tol * np.mean(np.var(x, axis=0))
+    previous = np.full(len(x), -1)
+    iterations = 0
+    for _ in range(max_iters):
+        iterations += 1
+        labels = np.argmax(x @ centroids.T, axis=1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, x)
+        updated = centroids.copy()
+        filled = np.linalg.norm(sums, axis=1) > 0
+        updated[filled] = sums[filled] / np.linalg.norm(sums[filled], axis=1, keepdims=True)
+        shift = np.sum((updated - centroids) ** 2)
+        centroids = updated
+        if np.array_equal(labels, previous) or shift <= tol:
+            break
+        previous = labels
+    labels = np.argmax(x @ centroids.T, axis=1)
+    inertia = np.sum(1 - np.max(x @ centroids.T, axis=1))
+    return centroids, labels, inertia, iterations
+
+
+def test_cosine_matches_numpy_spherical_reference():
+    x, _ = blobs(900, 12, 8, seed=11, spread=1.5, separation=2.0)
+    init = x[np.random.default_rng(0).choice(900, 8, replace=False)]
+    ours = kmeans.fit(x, options(8, metric='cosine', tol=1e-6), init_centroids=init)
+    centroids, labels, inertia, iterations = spherical_reference(x.astype(np.float64), init,
+                                                                 100, 1e-6)
+    ids, distances = kmeans.assign(x, ours.centroids, metric='cosine')
+    np.testing.assert_array_equal(ids, labels)
+    assert relative(ours.inertia, inertia) < 1e-4
+    assert relative(float(distances.sum()), inertia) < 1e-4
+    assert ours.iterations == iterations
+    np.testing.assert_allclose(np.linalg.norm(ours.centroids, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(ours.centroids, centroids, atol=1e-5)
+
+
+def test_an_empty_cluster_is_reseeded_like_sklearn():
+    x, _ = blobs(600, 3, 4, seed=4, separation=6.0)
+    init = x[[0, 0, 1, 2]]  # the duplicate centroid 1 never wins a row
+    ours = kmeans.fit(x, options(4, tol=0.0), init_centroids=init)
+    theirs = KMeans(4, init=init, n_init=1, algorithm='lloyd', tol=0.0).fit(x)
+    assert (ours.counts > 0).all()
+    np.testing.assert_array_equal(kmeans.assign(x, ours.centroids)[0], theirs.labels_)
+    assert relative(ours.inertia, theirs.inertia_) < 1e-4
+
+
+def test_several_empty_clusters_all_get_rows():
+    x, _ = blobs(700, 5, 6, seed=8, separation=5.0)
+    far_away = np.full((3, 5), 1e3, np.float32)  # three centroids no row is near
+    init = np.concatenate([x[:3], far_away])
+    for mesh in (one_device_mesh(), sharding.make_mesh()):
+        result = kmeans.fit(x, options(6), mesh=mesh, init_centroids=init)
+        assert (result.counts > 0).all()
+        assert np.abs(result.centroids).max() < 100  # none left far away
+        assert len(np.unique(result.centroids.round(4), axis=0)) == 6
+
+
+def brute_force_nearest(x, centroids):
+    distances = ((x[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)
+    return distances.argmin(1), distances.min(1)
+
+
+def test_streaming_assign_equals_one_shot_and_brute_force():
+    x, _ = blobs(2500, 7, 10, seed=6, spread=2.0, separation=3.0)
+    centroids = x[:10] + 0.1
+    one_shot = kmeans.assign(x, centroids)
+    streamed = kmeans.assign((x[start:start + size] for start, size in
+                              zip([0, 1, 301, 1801], [1, 300, 1500, 699], strict=True)),
+                             centroids)
+    small_batches = kmeans.assign(x, centroids, batch_rows=333, chunk_rows=64)
+    for ids, distances in (streamed, small_batches):
+        np.testing.assert_array_equal(ids, one_shot[0])
+        np.testing.assert_allclose(distances, one_shot[1], rtol=1e-5, atol=1e-5)
+    ids, distances = brute_force_nearest(x, centroids)
+    np.testing.assert_array_equal(one_shot[0], ids)
+    np.testing.assert_allclose(one_shot[1], distances, rtol=1e-4, atol=1e-4)
+    assert one_shot[0].dtype == np.int32 and one_shot[1].dtype == np.float32
+
+
+def test_float16_input_clusters_like_float32():
+    x, _ = blobs(1000, 16, 5, seed=9, separation=5.0)
+    x16 = x.astype(np.float16)
+    init = x16[:5]
+    half = kmeans.fit(x16, options(5), init_centroids=init)
+    full = kmeans.fit(x16.astype(np.float32), options(5), init_centroids=init)
+    np.testing.assert_allclose(half.centroids, full.centroids, atol=1e-5)
+    np.testing.assert_array_equal(kmeans.assign(x16, half.centroids)[0],
+                                  kmeans.assign(x16.astype(np.float32), full.centroids)[0])
+
+
+def test_minibatch_reaches_the_inertia_of_full_lloyd():
+    x, _ = blobs(6000, 8, 12, seed=12, spread=1.0, separation=4.0)
+    batches = np.array_split(x, 12)
+    full = kmeans.fit(x, options(12))
+    mini = kmeans.fit_minibatch(lambda: iter(batches), options(12), epochs=5)
+    assert relative(mini.inertia, full.inertia) < 0.03
+    assert mini.counts.sum() == 6000 and (mini.counts > 0).all()
+    assert 0 < mini.iterations <= 5 * 12
+    ids, distances = kmeans.assign(x, mini.centroids)
+    assert relative(float(distances.sum()), mini.inertia) < 1e-5
+    cosine = kmeans.fit_minibatch(batches, options(12, metric='cosine'), epochs=3)
+    np.testing.assert_allclose(np.linalg.norm(cosine.centroids, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('init', ['k-means++', 'k-means||'])
+def test_careful_seeding_finds_every_separated_blob_where_random_seeding_does_not(init):
+    x, centres = blobs(2000, 4, 10, seed=13, spread=0.3, separation=10.0)
+
+    def blobs_found(init_name: str, seed: int) -> int:
+        result = kmeans.fit(x, options(10, init=init_name, seed=seed, max_iters=1))
+        nearest = np.linalg.norm(centres[:, None] - result.centroids[None], axis=-1).min(1)
+        return int((nearest < 1.0).sum())
+
+    assert [blobs_found(init, seed) for seed in range(4)] == [10] * 4
+    assert min(blobs_found('random', seed) for seed in range(4)) < 10
+
+
+def raises(match: str):
+    return pytest.raises(InputError, match=match)
+
+
+def test_bad_input_is_named_before_any_jax_work():
+    x, _ = blobs(40, 3, 2)
+    with raises(r'k=50 is larger than the 40 rows'):
+        kmeans.fit(x, options(50))
+    with raises(r'k must be an integer >= 1, got 0'):
+        options(0)
+    with raises(r'no rows to cluster \(empty input\)'):
+        kmeans.fit(np.zeros((0, 3), np.float32), options(2))
+    with raises(r'expected a 2-D array \(rows, features\), got shape \(40,\)'):
+        kmeans.fit(x[:, 0], options(2))
+    bad = x.copy()
+    bad[[17, 21], 1] = np.nan
+    bad[30, 0] = np.inf
+    with raises(r'k-means: 3 rows contain NaN or Inf \(first at row 17\)'):
+        kmeans.fit(bad, options(2))
+    zero = x.copy()
+    zero[[4, 9]] = 0
+    with raises(r'\(cosine\): 2 rows have zero norm \(first at row 4\)'):
+        kmeans.fit(zero, options(2, metric='cosine'))
+    kmeans.fit(zero, options(2, max_iters=1))  # zero rows are fine for euclidean
+    with raises(r"metric must be one of \('euclidean', 'cosine'\), got 'manhattan'"):
+        options(2, metric='manhattan')
+    with raises(r'init_centroids has shape \(3, 3\), expected \(k=2, 3\)'):
+        kmeans.fit(x, options(2), init_centroids=x[:3])
+
+
+def test_bad_batches_are_named_with_their_global_row():
+    x, _ = blobs(100, 3, 2)
+    bad = x.copy()
+    bad[75] = np.nan
+    with raises(r'k-means assign: 1 row contains NaN or Inf \(first at row 75\)'):
+        kmeans.assign([bad[:50], bad[50:]], x[:2])
+    with raises(r'k-means assign: rows have 2 features, expected 3'):
+        kmeans.assign(x[:, :2], x[:2])
+    with raises(r'one-shot iterator'):
+        kmeans.fit_minibatch(iter([x]), options(2))
+    with raises(r'mini-batch: 1 row contains NaN or Inf \(first at row 75\)'):
+        kmeans.fit_minibatch([bad[:50], bad[50:]], options(2))
+    with raises(r'k=200 is larger than the 100 rows'):
+        kmeans.fit_minibatch([x[:50], x[50:]], options(200))
+
+
+def test_assign_of_nothing_is_empty():
+    ids, distances = kmeans.assign(np.zeros((0, 3), np.float32), np.eye(3, dtype=np.float32))
+    assert ids.shape == distances.shape == (0,)
+
+
+PROCESS_SCRIPT = '''
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+process, port, data, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process)
+import numpy as np
+from vise_jax.cluster import kmeans
+x = np.load(data)
+mine = x[:600] if process == 0 else x[600:]
+result = kmeans.fit(mine, kmeans.KMeansOptions(k=6, seed=3, progress=False))
+ids, distances = kmeans.assign(mine, result.centroids)
+np.savez(out, centroids=result.centroids, inertia=result.inertia, counts=result.counts, ids=ids)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_cluster_like_one(tmp_path):
+    """Each process passes its own rows (600 and 401); the result is the one-process result."""
+    x, _ = blobs(1001, 5, 6, seed=21, spread=1.5, separation=4.0)
+    np.save(tmp_path / 'x.npy', x)
+    script = tmp_path / 'process.py'
+    script.write_text(PROCESS_SCRIPT)
+    port = str(free_port())
+    env = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}
+    processes = [subprocess.Popen([sys.executable, str(script), str(rank), port,
+                                   str(tmp_path / 'x.npy'), str(tmp_path / f'out{rank}.npz')],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for rank in (0, 1)]
+    outputs = [process.communicate(timeout=120)[0].decode() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    parts = [np.load(tmp_path / f'out{rank}.npz') for rank in (0, 1)]
+    alone = kmeans.fit(x, options(6, seed=3))
+    for part in parts:
+        np.testing.assert_allclose(part['centroids'], alone.centroids, rtol=1e-5, atol=1e-5)
+        assert relative(float(part['inertia']), alone.inertia) < 1e-5
+        np.testing.assert_array_equal(part['counts'], alone.counts)
+    np.testing.assert_array_equal(np.concatenate([part['ids'] for part in parts]),
+                                  kmeans.assign(x, alone.centroids)[0])

@@ -1,0 +1,179 @@
+"""Pseudo labels: per post and per head, what the ResNet learns to predict.
+
+A head is one engagement type at one clustering granularity, named like 'comments_k1000' or
+'reactions_k50'.
+
+* Comment heads: a post has several comments, so its label is the multiset of its comments'
+  cluster ids, stored in CSR form (`offsets`, `ids`); the soft target is their normalised
+  histogram. A post without comments is masked.
+* Reaction heads: one cluster id per post, -1 (masked) where the post has no reactions.
+
+On disk (a directory written by the cluster stage): labels.json (num_posts, a digest of the post
+ids the labels are aligned with, and per head its kind, K, encoder, centroid hash) and one
+`<head>.npz` per head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vise_jax import artifacts
+from vise_jax.errors import InputError
+
+COMMENTS = 'comments'
+REACTIONS = 'reactions'
+LABELS_INDEX = 'labels.json'
+LABELS_VERSION = 1
+
+
+def head_name(kind: str, k: int) -> str:
+    return f'{kind}_k{k}'
+
+
+def post_ids_digest(post_ids: Iterable[str]) -> str:
+    """Identifies the exact sequence of posts labels are aligned with."""
+    digest = hashlib.sha256()
+    for post_id in post_ids:
+        digest.update(post_id.encode('utf-8') + b'\n')
+    return digest.hexdigest()[:16]
+
+
+def array_digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLabels:
+    """The labels of one head for every post of the store."""
+
+    name: str
+    kind: str
+    k: int
+    ids: np.ndarray                    # int32; per comment (comments) or per post (reactions)
+    offsets: np.ndarray | None = None  # int64 (num_posts + 1,), comments only
+
+    @property
+    def num_posts(self) -> int:
+        return len(self.offsets) - 1 if self.kind == COMMENTS else len(self.ids)
+
+    def mask(self) -> np.ndarray:
+        """True where the post has this signal."""
+        if self.kind == COMMENTS:
+            return np.diff(self.offsets) > 0
+        return self.ids >= 0
+
+    def post_cluster_ids(self, post: int) -> np.ndarray:
+        """The cluster ids of one post (a multiset for comments; empty when masked)."""
+        if self.kind == COMMENTS:
+            return self.ids[self.offsets[post]:self.offsets[post + 1]]
+        return self.ids[post:post + 1] if self.ids[post] >= 0 else self.ids[:0]
+
+    def soft_targets(self, posts: Sequence[int]) -> np.ndarray:
+        """(len(posts), k) float32 distributions; all-zero rows where masked."""
+        targets = np.zeros((len(posts), self.k), np.float32)
+        for row, post in enumerate(posts):
+            ids = self.post_cluster_ids(int(post))
+            if len(ids):
+                np.add.at(targets[row], ids, 1.0 / len(ids))
+        return targets
+
+
+def comment_head(k: int, num_posts: int, post_index: np.ndarray,
+                 cluster_ids: np.ndarray) -> HeadLabels:
+    """Groups per-comment cluster ids by post (comments of a post keep their order)."""
+    post_index = np.asarray(post_index, np.int64)
+    if len(post_index) and (post_index.min() < 0 or post_index.max() >= num_posts):
+        raise InputError(f'comment post indices out of range for {num_posts} posts')
+    order = np.argsort(post_index, kind='stable')
+    counts = np.bincount(post_index, minlength=num_posts)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return HeadLabels(head_name(COMMENTS, k), COMMENTS, k,
+                      np.asarray(cluster_ids, np.int32)[order], offsets)
+
+
+def reaction_head(k: int, has_signal: np.ndarray, cluster_ids: np.ndarray) -> HeadLabels:
+    """Scatters the cluster ids of the posts with reactions into a per-post array (-1 elsewhere)."""
+    ids = np.full(len(has_signal), -1, np.int32)
+    ids[np.asarray(has_signal, bool)] = cluster_ids
+    return HeadLabels(head_name(REACTIONS, k), REACTIONS, k, ids)
+
+
+def reaction_features(counts: np.ndarray, log_total: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Reaction counts (N, types) -> (features, has_signal).
+
+    Features are the normalised count distribution, plus optionally log(1 + total) divided by
+    the largest such value, so popularity weighs about as much as one reaction type.
+    """
+    counts = np.asarray(counts, np.float64)
+    total = counts.sum(axis=1)
+    has_signal = total > 0
+    features = counts / np.maximum(total, 1.0)[:, None]
+    if log_total:
+        log_totals = np.log1p(total)
+        features = np.concatenate([features, (log_totals / max(log_totals.max(), 1e-12))[:, None]],
+                                  axis=1)
+    return features.astype(np.float32), has_signal
+
+
+def save_head(directory: Path, head: HeadLabels) -> None:
+    arrays = {'ids': head.ids}
+    if head.offsets is not None:
+        arrays['offsets'] = head.offsets
+    with artifacts.atomic_path(directory / f'{head.name}.npz') as tmp, open(tmp, 'wb') as f:
+        np.savez(f, **arrays)
+
+
+def load_head(directory: Path, name: str, meta: dict[str, Any]) -> HeadLabels:
+    with np.load(directory / f'{name}.npz') as arrays:
+        return HeadLabels(name, meta['kind'], meta['k'], arrays['ids'],
+                          arrays.get('offsets'))
+
+
+def write_index(directory: Path, num_posts: int, post_digest: str,
+                heads: dict[str, dict[str, Any]]) -> None:
+    artifacts.atomic_write_json(directory / LABELS_INDEX, {
+        'version': LABELS_VERSION, 'num_posts': num_posts, 'post_ids_digest': post_digest,
+        'heads': heads})
+
+
+class LabelStore:
+    """The labels of every head, aligned with a posts store."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index_path = self.directory / LABELS_INDEX
+        if not (self.directory / artifacts.STAGE_RECORD).exists() or not index_path.exists():
+            raise InputError(f'{self.directory} holds no finished labels; run the cluster stage')
+        self.index = artifacts.read_json(index_path)
+        self._heads: dict[str, HeadLabels] = {}
+
+    @property
+    def num_posts(self) -> int:
+        return self.index['num_posts']
+
+    @property
+    def head_names(self) -> list[str]:
+        return list(self.index['heads'])
+
+    def head_info(self, name: str) -> dict[str, Any]:
+        if name not in self.index['heads']:
+            raise InputError(f'no head {name!r} in {self.directory}; heads: {self.head_names}')
+        return self.index['heads'][name]
+
+    def head(self, name: str) -> HeadLabels:
+        if name not in self._heads:
+            self._heads[name] = load_head(self.directory, name, self.head_info(name))
+        return self._heads[name]
+
+    def check_aligned(self, post_ids: Iterable[str]) -> None:
+        """Raises unless these labels were made for exactly this sequence of posts."""
+        if post_ids_digest(post_ids) != self.index['post_ids_digest']:
+            raise InputError(f'{self.directory}: labels were made for other posts than these '
+                             '(post id digest differs); rerun the cluster stage')
