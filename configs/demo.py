@@ -30,6 +30,11 @@ def get_config(arg=None):
     # Six moods and ten objects: a few clusters per mood, and a finer granularity.
     config.cluster.comment_ks = (16, 64)
     config.cluster.reaction_ks = (8,)
+    config.cluster.latents = '{workdir}/world/latents.csv'
+    config.embed.chunk_size = 4096
+    if arg.size == 'tiny':  # ~130 comments, ~45 posts with reactions
+        config.cluster.comment_ks = (4, 8)
+        config.cluster.reaction_ks = (3,)
 
     config.input.image_size = 64
     config.input.global_batch_size = 128

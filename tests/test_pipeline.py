@@ -3,10 +3,12 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 from conftest import load_config, run_launch
 
 from vise_jax import artifacts, pipeline, posts
+from vise_jax.cluster import labels
 from vise_jax.demo import writer
 
 TINY = 'size=tiny'
@@ -25,7 +27,7 @@ def tree_digest(root):
     return digest
 
 
-def test_command_line_runs_demo_world_and_ingest(tmp_path):
+def test_command_line_runs_every_stage_on_the_tiny_world(tmp_path):
     result = run_launch('pipeline.py', f'--config=configs/demo.py:{TINY}', f'--workdir={tmp_path}')
     assert result.returncode == 0, result.stderr
     store = posts.PostsStore(tmp_path / 'posts')
@@ -41,9 +43,25 @@ def test_command_line_runs_demo_world_and_ingest(tmp_path):
     assert store[0].id == first['id']
     assert store[0].image == (world_dir / first['image']).read_bytes()
 
+    # Labels: one head per configured K, aligned with the store's posts, and a report.
+    label_store = labels.LabelStore(tmp_path / 'labels')
+    label_store.check_aligned(p.id for p in store.iter_meta())
+    assert label_store.head_names == ['comments_k4', 'comments_k8', 'reactions_k3']
+    comments = label_store.head('comments_k4')
+    assert comments.num_posts == 48 and comments.ids.max() < 4
+    # A post's labels are as many as its non-empty comments.
+    np.testing.assert_array_equal(np.diff(comments.offsets),
+                                  [sum(bool(c.strip()) for c in p.comments)
+                                   for p in store.iter_meta()])
+    reactions = label_store.head('reactions_k3')
+    np.testing.assert_array_equal(reactions.mask(),
+                                  [sum(p.reactions.values()) > 0 for p in store.iter_meta()])
+    report_text = (tmp_path / 'labels' / 'report' / 'report.md').read_text()
+    assert '## comments_k8' in report_text and 'Agreement with the latent mood' in report_text
+
     again = run_launch('pipeline.py', f'--config=configs/demo.py:{TINY}', f'--workdir={tmp_path}')
     assert again.returncode == 0
-    assert again.stderr.count('up to date') == 2  # both stages skipped
+    assert again.stderr.count('up to date') == 4  # every stage skipped
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -87,11 +105,11 @@ def test_interrupted_world_resumes_to_identical_bytes(tmp_path, monkeypatch):
 
 
 def test_changed_config_rebuilds_downstream_stages(tmp_path):
-    pipeline.run(tiny_config(), tmp_path)
+    pipeline.run(tiny_config(), tmp_path, stages=['demo_world', 'ingest'])
     before = posts.PostsStore(tmp_path / 'posts')[0].image
     config = tiny_config()
     config.demo.world.image_size = 32
-    pipeline.run(config, tmp_path)
+    pipeline.run(config, tmp_path, stages=['demo_world', 'ingest'])
     after = posts.PostsStore(tmp_path / 'posts')[0]
     assert after.image != before and after.image_info.width == 32
 
@@ -103,4 +121,11 @@ def test_bad_manifest_on_the_command_line_names_line_and_field(manifest_maker, t
                         f'--config.posts.manifest={manifest}', '--config.ingest.on_error=fail')
     assert result.returncode == 2
     assert f"error: {manifest}:2: field 'reactions.like': negative count: -3" in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_a_stage_before_its_inputs_says_which_stage_to_run(tmp_path):
+    result = run_launch('cluster.py', f'--config=configs/demo.py:{TINY}', f'--workdir={tmp_path}')
+    assert result.returncode == 2
+    assert 'is not finished: run the ingest stage first' in result.stderr
     assert 'Traceback' not in result.stderr

