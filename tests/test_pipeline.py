@@ -8,7 +8,7 @@ import pytest
 from conftest import load_config, run_launch
 
 from vise_jax import artifacts, pipeline, posts
-from vise_jax.cluster import labels
+from vise_jax.cluster import clustering, labels
 from vise_jax.demo import writer
 
 TINY = 'size=tiny'
@@ -129,3 +129,24 @@ def test_a_stage_before_its_inputs_says_which_stage_to_run(tmp_path):
     assert result.returncode == 2
     assert 'is not finished: run the ingest stage first' in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_interrupted_cluster_stage_keeps_finished_heads(tmp_path, monkeypatch):
+    pipeline.run(tiny_config(), tmp_path, stages=['demo_world', 'ingest', 'embed'])
+
+    def killed(*args):
+        raise KeyboardInterrupt('killed')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(clustering, '_reaction_head', killed)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(tiny_config(), tmp_path, stages=['cluster'])
+    assert not (tmp_path / 'labels' / artifacts.STAGE_RECORD).exists()
+    finished = {p.stem for p in (tmp_path / 'labels' / 'heads').glob('*.json')}
+    assert finished == {'comments_k4', 'comments_k8'}
+
+    monkeypatch.setattr(clustering, '_comment_head', killed)  # must not run again
+    pipeline.run(tiny_config(), tmp_path, stages=['cluster'])
+    label_store = labels.LabelStore(tmp_path / 'labels')
+    assert label_store.head_names == ['comments_k4', 'comments_k8', 'reactions_k3']
+    assert '## comments_k4' in (tmp_path / 'labels' / 'report' / 'report.md').read_text()

@@ -53,23 +53,33 @@ def make_labels(store: PostsStore, shards: EmbeddingShards, out: Path,
     metas = list(store.iter_meta())
     latents = _read_latents(settings.latents, [m.id for m in metas])
     heads_index, summaries = {}, []
-    for k in settings.comment_ks:
-        head, summary, centroids = _comment_head(k, metas, shards, settings, latents, mesh)
-        heads_index[head.name] = {'kind': labels.COMMENTS, 'k': k, 'encoder': shards.encoder,
-                                  'centroid_hash': labels.array_digest(centroids)}
-        _save(out, head, centroids)
-        summaries.append(summary)
-    for k in settings.reaction_ks:
-        head, summary, centroids = _reaction_head(k, metas, store.reaction_types, settings,
-                                                  latents, mesh)
-        heads_index[head.name] = {'kind': labels.REACTIONS, 'k': k,
-                                  'log_total': settings.reaction_log_total,
-                                  'centroid_hash': labels.array_digest(centroids)}
-        _save(out, head, centroids)
-        summaries.append(summary)
+    work = [(labels.head_name(labels.COMMENTS, k),
+             lambda k=k: _comment_head(k, metas, shards, settings, latents, mesh))
+            for k in settings.comment_ks]
+    work += [(labels.head_name(labels.REACTIONS, k),
+              lambda k=k: _reaction_head(k, metas, store.reaction_types, settings, latents, mesh))
+             for k in settings.reaction_ks]
+    for name, make_head in work:
+        # Each finished head is committed (its .json last), so an interrupted stage resumes here.
+        if not _head_record(out, name).exists():
+            head, summary, centroids = make_head()
+            info = {'kind': head.kind, 'k': head.k,
+                    'centroid_hash': labels.array_digest(centroids)}
+            info.update({'encoder': shards.encoder} if head.kind == labels.COMMENTS
+                        else {'log_total': settings.reaction_log_total})
+            _save(out, head, centroids)
+            artifacts.atomic_write_json(_head_record(out, name),
+                                        {'info': info, 'summary': summary.to_json()})
+        record = artifacts.read_json(_head_record(out, name))
+        heads_index[name] = record['info']
+        summaries.append(report.HeadSummary.from_json(record['summary']))
     labels.write_index(out, len(metas), labels.post_ids_digest(m.id for m in metas), heads_index)
     return {'heads': heads_index,
             'report': report.write_report(out, summaries, store.reaction_types)}
+
+
+def _head_record(out: Path, name: str) -> Path:
+    return out / 'heads' / f'{name}.json'
 
 
 def _save(out: Path, head: labels.HeadLabels, centroids: np.ndarray) -> None:

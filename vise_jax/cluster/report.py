@@ -36,6 +36,18 @@ class HeadSummary:
     mean_profiles: np.ndarray | None = None           # (k, reaction types) mean distribution
     agreement: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        as_list = lambda a: None if a is None else np.asarray(a).tolist()  # noqa: E731
+        return {**dataclasses.asdict(self), 'sizes': as_list(self.sizes),
+                'mean_profiles': as_list(self.mean_profiles)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> HeadSummary:
+        profiles = record['mean_profiles']
+        return cls(**{**record, 'sizes': np.asarray(record['sizes'], np.int64),
+                      'mean_profiles': None if profiles is None
+                      else np.asarray(profiles, np.float32)})
+
 
 def nearest_members(cluster_ids: np.ndarray, distances: np.ndarray, k: int,
                     per_cluster: int) -> list[np.ndarray]:
