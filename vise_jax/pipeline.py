@@ -93,6 +93,10 @@ def ingest_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
     return _run_or_skip(stage, build)
 
 
+def _mesh(config: ml_collections.ConfigDict):
+    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+
+
 def _finished_record(path: Path, producer: str) -> Record:
     """The record of an upstream stage, which must have finished."""
     record = artifacts.StageDir(path, producer, None).record()
@@ -129,7 +133,7 @@ def embed_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
         encoder = _make_encoder(config.embed, store, stage.path)
         summary = text.embed_comments(
             text.iter_comments(store.iter_meta()), encoder, stage.path,
-            mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp),
+            mesh=_mesh(config),
             batch_size=config.embed.batch_size, chunk_size=config.embed.chunk_size)
         stage.finish(config.to_dict(), summary)
         log.info('embed: %d comments embedded (%d empty skipped) with %s',
@@ -151,7 +155,7 @@ def cluster_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
         summary = clustering.make_labels(
             posts.PostsStore(workdir / 'posts'), text.EmbeddingShards(workdir / 'embeddings'),
             stage.path, clustering.ClusterSettings.from_config(config, workdir),
-            mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp))
+            mesh=_mesh(config))
         stage.finish(config.to_dict(), summary)
         log.info('cluster: report in %s', stage.path / 'report' / 'report.md')
 

@@ -60,7 +60,7 @@ def put_rows(local_rows: np.ndarray, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
     """
     local_rows = np.asarray(local_rows)
     local_devices = len(mesh.local_devices)
-    largest = max(_process_row_counts(local_rows.shape[0]))
+    largest = int(gather_over_processes(np.array(local_rows.shape[0])).max())
     per_process = max(1, -(-largest // local_devices)) * local_devices
     padded = np.zeros((per_process, *local_rows.shape[1:]), local_rows.dtype)
     padded[:local_rows.shape[0]] = local_rows
@@ -75,7 +75,23 @@ def put_rows(local_rows: np.ndarray, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
     )
 
 
-def _process_row_counts(local_count: int) -> list[int]:
+def gather_over_processes(values: np.ndarray) -> np.ndarray:
+    """Every process's `values`, stacked as (process_count, ...); no collective in one process.
+
+    Small host-side agreements (row counts, batch plans) go through here; every process must
+    call it at the same point.
+    """
+    values = np.asarray(values)
     if jax.process_count() == 1:
-        return [local_count]
-    return [int(n) for n in multihost_utils.process_allgather(np.array(local_count))]
+        return values[None]
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a row-sharded global array, in order (replicas read once)."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    blocks = {}
+    for shard in array.addressable_shards:
+        blocks.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])

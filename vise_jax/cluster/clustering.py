@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
@@ -52,12 +53,16 @@ def make_labels(store: PostsStore, shards: EmbeddingShards, out: Path,
     """Writes <head>.npz, centroids, labels.json and report/ into `out`; returns a summary."""
     metas = list(store.iter_meta())
     latents = _read_latents(settings.latents, [m.id for m in metas])
+    # Inputs shared by every K, read once (and only when a head still has to be made).
+    comments = functools.cache(lambda: _CommentRows(shards.post_index(), shards.comment_number()))
+    reactions = functools.cache(lambda: _reaction_rows(metas, store.reaction_types, settings))
     heads_index, summaries = {}, []
     work = [(labels.head_name(labels.COMMENTS, k),
-             lambda k=k: _comment_head(k, metas, shards, settings, latents, mesh))
+             lambda k=k: _comment_head(k, metas, shards, comments(), settings, latents, mesh))
             for k in settings.comment_ks]
     work += [(labels.head_name(labels.REACTIONS, k),
-              lambda k=k: _reaction_head(k, metas, store.reaction_types, settings, latents, mesh))
+              lambda k=k: _reaction_head(k, reactions(), len(store.reaction_types), settings,
+                                         latents, mesh))
              for k in settings.reaction_ks]
     for name, make_head in work:
         # Each finished head is committed (its .json last), so an interrupted stage resumes here.
@@ -90,13 +95,29 @@ def _save(out: Path, head: labels.HeadLabels, centroids: np.ndarray) -> None:
         np.save(f, centroids)
 
 
-def _comment_head(k, metas, shards, settings, latents, mesh):
+class _CommentRows(NamedTuple):
+    post_index: np.ndarray       # per embedded comment, its post
+    comment_number: np.ndarray   # and its position among that post's comments
+
+
+class _ReactionRows(NamedTuple):
+    features: np.ndarray         # (posts with reactions, features)
+    has_signal: np.ndarray       # (posts,) bool
+
+
+def _reaction_rows(metas, reaction_types, settings: ClusterSettings) -> _ReactionRows:
+    counts = np.array([[m.reactions[t] for t in reaction_types] for m in metas], np.float64)
+    features, has_signal = labels.reaction_features(counts, settings.reaction_log_total)
+    return _ReactionRows(features[has_signal], has_signal)
+
+
+def _comment_head(k, metas, shards, rows: _CommentRows, settings, latents, mesh):
     name = labels.head_name(labels.COMMENTS, k)
     result = _fit(name, shards.sample(settings.fit_sample, seed=settings.seed),
                   settings.kmeans_options(k, 'cosine'), mesh)
-    ids, distances = kmeans.assign((rows for rows, _, _ in shards), result.centroids,
+    ids, distances = kmeans.assign((embeddings for embeddings, _, _ in shards), result.centroids,
                                    metric='cosine', mesh=mesh)
-    post_index, comment_number = shards.post_index(), shards.comment_number()
+    post_index, comment_number = rows
     head = labels.comment_head(k, len(metas), post_index, ids)
     nearest = [[metas[post_index[j]].comments[comment_number[j]] for j in members]
                for members in report.nearest_members(ids, distances, k,
@@ -108,15 +129,14 @@ def _comment_head(k, metas, shards, settings, latents, mesh):
     return head, summary, result.centroids
 
 
-def _reaction_head(k, metas, reaction_types, settings, latents, mesh):
+def _reaction_head(k, rows: _ReactionRows, num_types: int, settings, latents, mesh):
     name = labels.head_name(labels.REACTIONS, k)
-    counts = np.array([[m.reactions[t] for t in reaction_types] for m in metas], np.float64)
-    features, has_signal = labels.reaction_features(counts, settings.reaction_log_total)
-    result = _fit(name, features[has_signal], settings.kmeans_options(k, 'euclidean'), mesh)
-    ids, _ = kmeans.assign(features[has_signal], result.centroids, mesh=mesh)
+    features, has_signal = rows
+    result = _fit(name, features, settings.kmeans_options(k, 'euclidean'), mesh)
+    ids, _ = kmeans.assign(features, result.centroids, mesh=mesh)
     sizes = np.bincount(ids, minlength=k)
-    profiles = np.zeros((k, len(reaction_types)), np.float32)
-    np.add.at(profiles, ids, features[has_signal, :len(reaction_types)])
+    profiles = np.zeros((k, num_types), np.float32)
+    np.add.at(profiles, ids, features[:, :num_types])
     profiles /= np.maximum(sizes, 1)[:, None]
     summary = report.HeadSummary(
         name, labels.REACTIONS, k, sizes, mean_profiles=profiles,

@@ -47,7 +47,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -186,8 +185,8 @@ def assign(batches: np.ndarray | Iterable[np.ndarray], centroids: np.ndarray,
     """
     ids, distances = [], []
     for stats, count in _stream_passes(batches, centroids, metric, mesh, chunk_rows, batch_rows):
-        ids.append(_local_rows(stats.ids, count))
-        distances.append(_local_rows(stats.distances, count))
+        ids.append(sharding.local_rows(stats.ids)[:count])
+        distances.append(sharding.local_rows(stats.distances)[:count])
     if not ids:
         return np.zeros(0, np.int32), np.zeros(0, np.float32)
     return np.concatenate(ids), np.concatenate(distances)
@@ -307,9 +306,7 @@ def _checked_centroids(centroids, options: KMeansOptions, d: int) -> np.ndarray 
 
 
 def _total_rows(local_rows: int) -> int:
-    if jax.process_count() == 1:
-        return local_rows
-    return int(np.sum(multihost_utils.process_allgather(np.array(local_rows))))
+    return int(sharding.gather_over_processes(np.array(local_rows)).sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -914,12 +911,6 @@ def _put_batch(batch: np.ndarray, mesh: Mesh, chunk_rows: int) -> tuple[jax.Arra
     rows, _ = sharding.put_rows(padded, mesh)
     weights, _ = sharding.put_rows(real, mesh)
     return rows, weights
-
-
-def _local_rows(array: jax.Array, count: int) -> np.ndarray:
-    """This process's first `count` rows of a row-sharded array (its own rows, in order)."""
-    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
-    return np.concatenate([np.asarray(shard.data) for shard in shards])[:count]
 
 
 def _batch_source(batches, batch_rows: int, epochs: int) -> Callable[[], Iterable[np.ndarray]]:

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
+
+from vise_jax import sharding
 
 
 @runtime_checkable
@@ -144,6 +144,4 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _max_over_processes(counts: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return counts
-    return np.asarray(multihost_utils.process_allgather(counts)).max(axis=0)
+    return sharding.gather_over_processes(counts).max(axis=0)

@@ -556,20 +556,10 @@ def _global_rows(local: np.ndarray, mesh: Mesh) -> jax.Array:
                                                   global_shape)
 
 
-def local_rows(array: jax.Array) -> np.ndarray:
-    """This process's rows of a row-sharded global array, in order."""
-    if array.is_fully_addressable:
-        return np.asarray(array)
-    blocks = {}
-    for shard in array.addressable_shards:
-        blocks.setdefault(shard.index[0].start or 0, shard.data)
-    return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
-
-
 def _collect(vectors: np.ndarray, rows: np.ndarray, output: jax.Array,
              progress: Callable[[int], None] | None) -> None:
     if rows.size:
-        vectors[rows] = local_rows(output)[:rows.size]
+        vectors[rows] = sharding.local_rows(output)[:rows.size]
         if progress is not None:
             progress(rows.size)
 
