@@ -36,12 +36,28 @@ def get_config(arg=None):
         config.cluster.comment_ks = (4, 8)
         config.cluster.reaction_ks = (3,)
 
+    # A ResNet-18 of a quarter of torchvision's width at 64 px: ~0.3 s a step on 2 CPU cores
+    # (full width is ~8 s: XLA:CPU's convolutions, see bench/README.md).
     config.input.image_size = 64
     config.input.global_batch_size = 128
     config.input.num_workers = 2
+    config.input.eval_fraction = 0.1
     config.model.name = 'resnet18'
+    config.model.width = 16
     config.model.compute_dtype = 'float32'   # bf16 matmuls are slow on most CPUs
+    config.optim.base_lr = 0.2
     config.train.epochs = 10
     config.train.log_every_steps = 10
+    config.train.eval_every_steps = 100
     config.train.checkpoint_every_steps = 100
+    if arg.size == 'tiny':  # a handful of steps of a narrow ResNet-18, for tests
+        config.input.image_size = 32
+        config.input.global_batch_size = 16
+        config.input.num_workers = 0
+        config.input.eval_fraction = 0.2
+        config.model.width = 8
+        config.train.epochs = 2
+        config.train.log_every_steps = 1
+        config.train.eval_every_steps = 2
+        config.train.checkpoint_every_steps = 2
     return config

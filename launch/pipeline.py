@@ -2,7 +2,7 @@
 
   python launch/pipeline.py --config=configs/demo.py --workdir=workdirs/demo
 
-Stages today: demo_world (when config.demo.enabled), ingest, embed, cluster.
+Stages: demo_world (when config.demo.enabled), ingest, embed, cluster, train.
 """
 
 import cli

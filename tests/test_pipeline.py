@@ -59,9 +59,13 @@ def test_command_line_runs_every_stage_on_the_tiny_world(tmp_path):
     report_text = (tmp_path / 'labels' / 'report' / 'report.md').read_text()
     assert '## comments_k8' in report_text and 'Agreement with the latent mood' in report_text
 
+    # And a model trained on them, with its metrics.
+    assert (tmp_path / 'train' / artifacts.STAGE_RECORD).exists()
+    assert (tmp_path / 'train' / 'metrics.jsonl').stat().st_size > 0
+
     again = run_launch('pipeline.py', f'--config=configs/demo.py:{TINY}', f'--workdir={tmp_path}')
     assert again.returncode == 0
-    assert again.stderr.count('up to date') == 4  # every stage skipped
+    assert again.stderr.count('up to date') == len(pipeline.STAGES)  # every stage skipped
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):

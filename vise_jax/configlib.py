@@ -105,10 +105,24 @@ def default_config() -> ml_collections.ConfigDict:
     config.input = ml_collections.ConfigDict()
     config.input.image_size = 224
     config.input.global_batch_size = 4096
-    config.input.num_workers = 16             # Grain worker processes per host
+    config.input.num_workers = 16             # Grain worker processes per host (0 = in-process)
+    config.input.prefetch_batches = 2         # batches each worker (or the main process) readies
+    config.input.read_threads = 0             # extra threads per process making batches (0: none)
+    config.input.pretrain_images = 'store'    # 'store': bytes from {workdir}/posts; 'manifest':
+                                              # the files config.posts.manifest names
+    config.input.heads = ()                   # head names to train; () = every head of the labels
+    config.input.max_targets_per_post = 16    # M: distinct comment clusters kept per post
+    config.input.eval_fraction = 0.02         # posts held out for evaluation (hash of the id)
+    config.input.crop_scale = (0.08, 1.0)     # RandomResizedCrop area fraction
+    config.input.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    config.input.eval_crop_fraction = 0.875   # eval: shorter side to size / this, centre crop
+    config.input.max_image_pixels = 64_000_000  # larger images are skipped (decompression bombs)
+    config.input.max_bad_image_fraction = 0.01  # more unusable images than this fails the run
+    config.input.bad_image_min_seen = 1000    # ... once this many examples have been seen
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = 'resnet50'
+    config.model.name = 'resnet50'           # resnet18, 34, 50, 101, 152 (torchvision's)
+    config.model.width = 64                   # torchvision's; smaller only for toy models
     config.model.zero_init_last_bn = True
     config.model.compute_dtype = 'bfloat16'
     config.model.param_dtype = 'float32'
@@ -121,11 +135,16 @@ def default_config() -> ml_collections.ConfigDict:
     config.optim.warmup_epochs = 1.0
     config.optim.label_smoothing = 0.0
 
+    # Training (launch/train.py); output in {workdir}/train.
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 10
-    config.train.grad_accum_steps = 1
+    config.train.grad_accum_steps = 1         # micro-batches per global batch (one update)
+    config.train.head_weights = ''            # 'comments_k1000=1,reactions_k50=0.5'; else 1.0
     config.train.log_every_steps = 100
+    config.train.eval_every_steps = 1000      # on the held-out posts; 0 = never
     config.train.checkpoint_every_steps = 1000
+    config.train.keep_checkpoints = 3         # the latest N are kept ...
+    config.train.keep_every_steps = 0         # ... and every M-th step's (0 = none)
 
     # Device mesh: -1 takes every remaining device.
     config.mesh = ml_collections.ConfigDict()

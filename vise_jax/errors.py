@@ -6,3 +6,7 @@ Launch scripts print these as one clear message and exit non-zero, without a tra
 
 class InputError(ValueError):
     """Bad input data or configuration; the message names the file, row and field."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. a non-finite loss); the message names the step and head."""

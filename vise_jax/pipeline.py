@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 
 from vise_jax import artifacts, posts, sharding, text
 from vise_jax.cluster import clustering, labels
 from vise_jax.demo import world, writer
-from vise_jax.errors import InputError
+from vise_jax.errors import InputError, TrainingError
+from vise_jax.train import loop as train_loop
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +164,39 @@ def cluster_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
     return _run_or_skip(stage, build)
 
 
+def train_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
+    """Trains on the posts' images and labels; reruns continue from the latest checkpoint.
+
+    Unlike the other stages, a changed config never wipes {workdir}/train: a longer schedule
+    continues the run, and a checkpoint made for another model or head set is refused on restore.
+    """
+    posts_record = _finished_record(workdir / 'posts', 'ingest')
+    labels_record = _finished_record(workdir / 'labels', 'cluster')
+    stage = artifacts.StageDir(workdir / 'train', 'train', {
+        'posts': posts_record['fingerprint'], 'labels': labels_record['fingerprint'],
+        'seed': config.seed, **{group: config[group].to_dict()
+                                for group in ('input', 'model', 'optim', 'train')}})
+    if stage.is_complete():
+        log.info('train: up to date in %s, skipped', stage.path)
+        return stage.record()
+    start = time.perf_counter()
+    summary = train_loop.train(config, workdir)
+    if not summary['finished']:
+        raise TrainingError(f'train: stopped at step {summary["final_step"]} of '
+                            f'{summary["total_steps"]} (SIGTERM); rerun the same command to '
+                            'continue from the checkpoint just saved')
+    log.info('train: done in %.1f s -> %s', time.perf_counter() - start, stage.path)
+    if jax.process_index() == 0:
+        return stage.finish(config.to_dict(), summary)
+    return stage.record() or {}
+
+
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], Record | None]] = {
     'demo_world': demo_world_stage,
     'ingest': ingest_stage,
     'embed': embed_stage,
     'cluster': cluster_stage,
+    'train': train_stage,
 }
 
 

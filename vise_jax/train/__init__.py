@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, sharded state and steps, checkpoints, the loop (loop.train)."""

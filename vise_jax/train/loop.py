@@ -1,0 +1,265 @@
+"""The training loop: data, model, optimizer and checkpoints wired for one run.
+
+`train(config, workdir)` is what launch/train.py runs. Every process runs the same loop over its
+own shard of the posts; the global batch is assembled on the mesh, so one code path serves a
+laptop CPU, one GPU and a TPU pod. Per step the host only fetches the next local batch and
+dispatches the jitted step; metrics are read one step late, so the device is never waited on
+except at logging, evaluation and checkpoint steps.
+
+Output in {workdir}/train: checkpoints/ (Orbax); on process 0 metrics.jsonl, tensorboard/ and
+curves.png; stage.json when the last step is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from vise_jax import input as input_lib
+from vise_jax import models, sharding
+from vise_jax.errors import InputError, TrainingError
+from vise_jax.train import checkpointing, optim, plots
+from vise_jax.train import state as state_lib
+from vise_jax.train import step as step_lib
+from vise_jax.train.metrics import MeanAccumulator, MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+def head_weights(configured: str, heads: Mapping[str, Any]) -> dict[str, float]:
+    """Loss weight per head from 'name=weight,...' (config.train.head_weights); 1.0 otherwise."""
+    weights = dict.fromkeys(heads, 1.0)
+    for item in filter(None, (part.strip() for part in configured.split(','))):
+        name, _, value = item.partition('=')
+        if name not in heads:
+            raise InputError(f'config.train.head_weights: unknown head {name!r}; '
+                             f'the labels have {sorted(heads)}')
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise InputError(f'config.train.head_weights: {item!r} is not name=number') from None
+    return weights
+
+
+def run_meta(config: ml_collections.ConfigDict, heads: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint of this run is made for (checked on restore)."""
+    return {'model': config.model.name, 'image_size': config.input.image_size,
+            'heads': {name: int(info.k) for name, info in heads.items()}}
+
+
+def check_finite(step: int, metrics: Mapping[str, Any], heads) -> None:
+    """Stops the run at the first non-finite loss, naming the step and the head."""
+    loss = float(metrics['loss'])
+    if math.isfinite(loss):
+        return
+    bad = [h for h in heads if not math.isfinite(float(metrics[f'{h}/loss']))]
+    where = f'head(s) {", ".join(bad)}' if bad else 'the weighted sum of the heads'
+    raise TrainingError(
+        f'loss is {loss} at step {step} ({where}); the parameters are no longer usable. '
+        'The last checkpoint before this step is intact: lower config.optim.base_lr or raise '
+        'config.optim.warmup_epochs, then rerun')
+
+
+class StopRequest:
+    """Set when the process receives SIGTERM (a scheduler's preemption notice)."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        log.warning('SIGTERM received: saving a checkpoint and stopping')
+        self.requested = True
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built once from the config."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    train_data: Any
+    eval_data: Any | None
+    model: Any
+    schedule: optim.Schedule
+    weights: dict[str, float]
+    state: state_lib.TrainState
+    shardings: Any
+    train_step: Any
+    eval_step: Any | None
+    meta: dict[str, Any]
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    train_data = input_lib.pretrain_data(config, workdir, split='train')
+    eval_data = (input_lib.pretrain_data(config, workdir, split='eval')
+                 if config.train.eval_every_steps else None)
+    heads = train_data.heads
+    weights = head_weights(config.train.head_weights, heads)
+    model = models.create_model(config.model, {name: info.k for name, info in heads.items()})
+    schedule = optim.make_schedule(config.optim, num_examples=train_data.num_examples,
+                                   global_batch_size=config.input.global_batch_size,
+                                   epochs=config.train.epochs)
+    optimizer = optim.make_optimizer(config.optim, schedule)
+    state, shardings = state_lib.create_train_state(
+        model, optimizer, config.input.image_size, jax.random.key(config.seed), mesh)
+    options = step_lib.StepOptions(weights, config.optim.label_smoothing,
+                                   config.train.grad_accum_steps)
+    train_step = step_lib.jit_train_step(model, optimizer, optim.learning_rate_fn(schedule),
+                                         options, mesh, shardings)
+    eval_step = (step_lib.jit_eval_step(model, heads, mesh, shardings)
+                 if eval_data is not None else None)
+    return Run(config, mesh, train_data, eval_data, model, schedule, weights, state, shardings,
+               train_step, eval_step, run_meta(config, heads))
+
+
+def evaluate(run: Run, state: state_lib.TrainState) -> dict[str, float]:
+    """One pass over the held-out posts; every process runs the same number of batches."""
+    data = run.eval_data
+    num_batches = -(-data.num_examples // run.config.input.global_batch_size)
+    totals: dict[str, dict[str, float]] = {}
+    for local in _exactly(data.iterator(), num_batches):
+        sums = jax.device_get(run.eval_step(state, input_lib.global_batch(local, run.mesh)))
+        for head, head_sums in sums.items():
+            for name, value in head_sums.items():
+                totals.setdefault(head, {}).setdefault(name, 0.0)
+                totals[head][name] += float(value)
+    return {k: float(v) for k, v in step_lib.summarize(totals, run.weights).items()}
+
+
+def _exactly(batches: Iterator[dict], count: int) -> Iterator[dict]:
+    """`count` batches; a process whose shard ran out sends zero-weight copies of its last one.
+
+    Shards of the eval split can differ by a batch between processes, and every process must
+    join every step of a multi-process computation.
+    """
+    last = None
+    for local in itertools.islice(batches, count):
+        last = local
+        yield local
+        count -= 1
+    if count and last is None:
+        raise InputError('the evaluation split of this process is empty: '
+                         'raise config.input.eval_fraction or set config.train.eval_every_steps=0')
+    for _ in range(count):
+        yield {**last, 'weight': np.zeros_like(last['weight'])}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains to config.train.epochs, resuming from the latest checkpoint in the workdir."""
+    workdir = Path(workdir)
+    out = workdir / 'train'
+    run = build_run(config, workdir)
+    primary = jax.process_index() == 0
+    iterator = run.train_data.iterator()
+    manager = checkpointing.make_manager(
+        out / 'checkpoints', every_steps=config.train.checkpoint_every_steps,
+        keep=config.train.keep_checkpoints, keep_every_steps=config.train.keep_every_steps)
+    restored = checkpointing.restore_latest(manager, run.state, run.shardings, iterator, run.meta)
+    state = restored if restored is not None else run.state
+    first_step = int(jax.device_get(state.step))
+    total = run.schedule.total_steps
+    log_every = config.train.log_every_steps
+    batch_images = config.input.global_batch_size
+    _log_plan(run, first_step)
+
+    tally = input_lib.BadImageTally.from_config(config)
+    interval = MeanAccumulator()
+    data_wait = 0.0
+    last_time = time.perf_counter()
+    pending = None  # (step, device metrics) of the step dispatched last
+    stop = StopRequest()
+    with (MetricWriter(out, enabled=primary) as writer, stop.installed(),
+          tqdm.tqdm(total=total, initial=first_step, disable=not primary, unit='step',
+                    dynamic_ncols=True, desc='train') as progress):
+        for step in range(first_step, total):
+            wait_start = time.perf_counter()
+            local = next(iterator)
+            data_wait += time.perf_counter() - wait_start
+            tally.update(local['bad_image'], local['weight'], local['index'])
+            state, metrics = run.train_step(state, input_lib.global_batch(local, run.mesh))
+            if pending is not None:
+                interval.add(_checked(*pending, run.weights))
+            pending = (step + 1, metrics)
+            progress.update(1)
+
+            done = step + 1
+            if done % log_every == 0 or done == total:
+                interval.add(_checked(*pending, run.weights))
+                pending = None
+                now = time.perf_counter()
+                scalars = interval.result()
+                scalars['images_per_second'] = len(interval) * batch_images / (now - last_time)
+                scalars['step_time'] = (now - last_time) / len(interval)
+                scalars['data_wait_time'] = data_wait / len(interval)
+                scalars.update({f'bad_images/{k}': v for k, v in tally.counts().items()})
+                writer.write(done, 'train', scalars)
+                progress.set_postfix(loss=f'{scalars["loss"]:.3f}',
+                                     img_s=f'{scalars["images_per_second"]:.0f}')
+                interval.reset()
+                data_wait = 0.0
+                last_time = time.perf_counter()
+            if run.eval_step is not None and (done % config.train.eval_every_steps == 0
+                                              or done == total):
+                writer.write(done, 'eval', evaluate(run, state))
+            if stop.requested or done == total or manager.should_save(done):
+                if pending is not None:  # never save parameters a NaN has reached
+                    interval.add(_checked(*pending, run.weights))
+                    pending = None
+                checkpointing.save(manager, done, state, iterator, run.meta,
+                                   force=stop.requested or done == total)
+            if stop.requested:
+                break
+    manager.wait_until_finished()
+    manager.close()
+    _close(iterator)
+    if primary:
+        log.info('train: curves in %s', plots.plot_curves(out / 'metrics.jsonl',
+                                                          out / 'curves.png', list(run.weights)))
+    final_step = int(jax.device_get(state.step))
+    return {'final_step': final_step, 'total_steps': total, 'finished': final_step == total,
+            'bad_images': tally.counts()}
+
+
+def _checked(step: int, metrics: Any, weights: Mapping[str, float]) -> dict[str, float]:
+    host = jax.device_get(metrics)
+    check_finite(step, host, weights)
+    return host
+
+
+def _close(iterator: Any) -> None:
+    close = getattr(iterator, 'close', None)
+    if close is not None:
+        close()
+
+
+def _log_plan(run: Run, first_step: int) -> None:
+    schedule = run.schedule
+    log.info('train: %d posts, %d steps per epoch, %d steps in all (%s), peak lr %.4g, '
+             'mesh %s, %d parameters, heads %s',
+             run.train_data.num_examples, schedule.steps_per_epoch, schedule.total_steps,
+             f'resuming at step {first_step}' if first_step else 'from scratch',
+             schedule.peak_learning_rate, dict(run.mesh.shape),
+             state_lib.param_count(run.state.params), run.meta['heads'])
