@@ -66,3 +66,6 @@ def test_non_finite_loss_names_the_step_and_head():
     with pytest.raises(TrainingError, match=r'at step 7 \(head\(s\) comments_k16\)'):
         loop.check_finite(7, metrics, ['comments_k16', 'reactions_k8'])
     loop.check_finite(8, {**metrics, 'loss': 2.0}, ['comments_k16'])   # finite: no error
+    finite_loss = {'loss': 2.0, 'comments_k16/loss': 2.0, 'grad_norm': float('inf')}
+    with pytest.raises(TrainingError, match='gradient norm is inf at step 9'):
+        loop.check_finite(9, finite_loss, ['comments_k16'])

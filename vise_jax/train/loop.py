@@ -61,14 +61,25 @@ def run_meta(config: ml_collections.ConfigDict, heads: Mapping[str, Any]) -> dic
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], heads) -> None:
-    """Stops the run at the first non-finite loss, naming the step and the head."""
+    """Stops the run at the first non-finite loss (or gradient), naming the step and the head.
+
+    The gradient is checked too: it is what the update of this step applied, so a finite loss
+    with an infinite gradient would otherwise let a broken state reach a checkpoint.
+    """
     loss = float(metrics['loss'])
-    if math.isfinite(loss):
+    grad_norm = float(metrics.get('grad_norm', 0.0))
+    if math.isfinite(loss) and math.isfinite(grad_norm):
         return
     bad = [h for h in heads if not math.isfinite(float(metrics[f'{h}/loss']))]
-    where = f'head(s) {", ".join(bad)}' if bad else 'the weighted sum of the heads'
+    if bad:
+        where = f'head(s) {", ".join(bad)}'
+    elif not math.isfinite(loss):
+        where = 'the weighted sum of the heads'
+    else:
+        where = "every head's loss was finite"
+    what = f'loss is {loss}' if not math.isfinite(loss) else f'gradient norm is {grad_norm}'
     raise TrainingError(
-        f'loss is {loss} at step {step} ({where}); the parameters are no longer usable. '
+        f'{what} at step {step} ({where}); the parameters are no longer usable. '
         'The last checkpoint before this step is intact: lower config.optim.base_lr or raise '
         'config.optim.warmup_epochs, then rerun')
 
