@@ -19,13 +19,12 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import tqdm
 
 from vise_jax import input as input_lib
@@ -147,35 +146,19 @@ def build_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
 
 
 def evaluate(run: Run, state: state_lib.TrainState) -> dict[str, float]:
-    """One pass over the held-out posts; every process runs the same number of batches."""
-    data = run.eval_data
-    num_batches = -(-data.num_examples // run.config.input.global_batch_size)
+    """One pass over the held-out posts (padded so every process runs as many batches)."""
     totals: dict[str, dict[str, float]] = {}
-    for local in _exactly(data.iterator(), num_batches):
-        sums = jax.device_get(run.eval_step(state, input_lib.global_batch(local, run.mesh)))
-        for head, head_sums in sums.items():
-            for name, value in head_sums.items():
-                totals.setdefault(head, {}).setdefault(name, 0.0)
-                totals[head][name] += float(value)
+    iterator = run.eval_data.iterator()
+    try:
+        for local in itertools.islice(iterator, run.eval_data.steps_per_epoch):
+            sums = jax.device_get(run.eval_step(state, input_lib.global_batch(local, run.mesh)))
+            for head, head_sums in sums.items():
+                for name, value in head_sums.items():
+                    totals.setdefault(head, {}).setdefault(name, 0.0)
+                    totals[head][name] += float(value)
+    finally:
+        _close(iterator)   # its worker processes, now rather than at garbage collection
     return {k: float(v) for k, v in step_lib.summarize(totals, run.weights).items()}
-
-
-def _exactly(batches: Iterator[dict], count: int) -> Iterator[dict]:
-    """`count` batches; a process whose shard ran out sends zero-weight copies of its last one.
-
-    Shards of the eval split can differ by a batch between processes, and every process must
-    join every step of a multi-process computation.
-    """
-    last = None
-    for local in itertools.islice(batches, count):
-        last = local
-        yield local
-        count -= 1
-    if count and last is None:
-        raise InputError('the evaluation split of this process is empty: '
-                         'raise config.input.eval_fraction or set config.train.eval_every_steps=0')
-    for _ in range(count):
-        yield {**last, 'weight': np.zeros_like(last['weight'])}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -184,10 +167,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     out = workdir / 'train'
     run = build_run(config, workdir)
     primary = jax.process_index() == 0
-    iterator = run.train_data.iterator()
-    manager = checkpointing.make_manager(
-        out / 'checkpoints', every_steps=config.train.checkpoint_every_steps,
-        keep=config.train.keep_checkpoints, keep_every_steps=config.train.keep_every_steps)
+    with contextlib.ExitStack() as cleanup:
+        # Closed however the run ends (a NaN included): Grain workers left to the interpreter's
+        # exit print tracebacks, and an async save must finish before the process goes.
+        iterator = run.train_data.iterator()
+        cleanup.callback(_close, iterator)
+        manager = checkpointing.make_manager(
+            out / 'checkpoints', every_steps=config.train.checkpoint_every_steps,
+            keep=config.train.keep_checkpoints, keep_every_steps=config.train.keep_every_steps)
+        cleanup.callback(manager.close)
+        state, tally = _train_steps(run, out, iterator, manager)
+    if primary:
+        log.info('train: curves in %s', plots.plot_curves(out / 'metrics.jsonl',
+                                                          out / 'curves.png', list(run.weights)))
+    final_step = int(jax.device_get(state.step))
+    total = run.schedule.total_steps
+    return {'final_step': final_step, 'total_steps': total, 'finished': final_step == total,
+            'bad_images': tally.counts()}
+
+
+def _train_steps(run: Run, out: Path, iterator: Any, manager: Any) -> tuple[Any, Any]:
+    """Steps from the latest checkpoint (or scratch) to the end or a stop request."""
+    config = run.config
+    primary = jax.process_index() == 0
     restored = checkpointing.restore_latest(manager, run.state, run.shardings, iterator, run.meta)
     state = restored if restored is not None else run.state
     first_step = int(jax.device_get(state.step))
@@ -243,15 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                                    force=stop.requested or done == total)
             if stop.requested:
                 break
-    manager.wait_until_finished()
-    manager.close()
-    _close(iterator)
-    if primary:
-        log.info('train: curves in %s', plots.plot_curves(out / 'metrics.jsonl',
-                                                          out / 'curves.png', list(run.weights)))
-    final_step = int(jax.device_get(state.step))
-    return {'final_step': final_step, 'total_steps': total, 'finished': final_step == total,
-            'bad_images': tally.counts()}
+    return state, tally
 
 
 def _checked(step: int, metrics: Any, weights: Mapping[str, float]) -> dict[str, float]:
