@@ -18,11 +18,11 @@ import logging
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from vise_jax import input as input_lib
 from vise_jax.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
     """Saves if the policy says so (or `force`); returns whether a save started."""
     return manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
+        data=input_lib.iterator_save_args(data_iterator),
         meta=ocp.args.JsonSave(meta)), force=force)
 
 
@@ -81,6 +81,6 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any, shardings: Any,
     check_meta(saved_meta['meta'], meta, where)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(state, shardings)),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        data=input_lib.iterator_restore_args(data_iterator)))
     log.info('resumed from %s', where)
     return restored['state']

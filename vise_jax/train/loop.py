@@ -129,7 +129,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
     heads = train_data.heads
     weights = head_weights(config.train.head_weights, heads)
     model = models.create_model(config.model, {name: info.k for name, info in heads.items()})
-    schedule = optim.make_schedule(config.optim, num_examples=train_data.num_examples,
+    schedule = optim.make_schedule(config.optim, steps_per_epoch=train_data.steps_per_epoch,
                                    global_batch_size=config.input.global_batch_size,
                                    epochs=config.train.epochs)
     optimizer = optim.make_optimizer(config.optim, schedule)

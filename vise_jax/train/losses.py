@@ -49,23 +49,15 @@ def top_k_correct(logits: jax.Array, ids: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == ids[:, :1], axis=-1).astype(jnp.float32)
 
 
-def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    """Weighted mean that is 0 (not NaN) when every weight is 0."""
-    total = jnp.sum(weights)
-    return jnp.sum(values * weights) / jnp.maximum(total, 1.0)
-
-
-def head_metrics(logits: jax.Array, ids: jax.Array, probs: jax.Array, example_weight: jax.Array,
-                 label_smoothing: float = 0.0) -> dict[str, jax.Array]:
-    """Loss, top-1 and top-5 of one head, averaged over usable examples with the signal.
-
-    Returns sums and the count as well, so that metrics of several steps (or of an evaluation
-    pass) average correctly however the signal is spread over batches.
+def head_sums(logits: jax.Array, ids: jax.Array, probs: jax.Array, example_weight: jax.Array,
+              label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+    """Loss, top-1 and top-5 of one head, summed over usable examples with the signal, and their
+    count: sums add up correctly over micro-batches, steps and evaluation passes however the
+    signal is spread; divide by the count for means (step.summarize).
     """
     weights = target_mask(probs) * example_weight
     loss = soft_cross_entropy(logits, ids, probs, label_smoothing)
     return {
-        'loss': masked_mean(loss, weights),
         'loss_sum': jnp.sum(loss * weights),
         'top1_sum': jnp.sum(top_k_correct(logits, ids, 1) * weights),
         'top5_sum': jnp.sum(top_k_correct(logits, ids, 5) * weights),

@@ -14,8 +14,6 @@ import jax
 import ml_collections
 import optax
 
-from vise_jax.errors import InputError
-
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -27,12 +25,9 @@ class Schedule:
     peak_learning_rate: float
 
 
-def make_schedule(optim: ml_collections.ConfigDict, *, num_examples: int, global_batch_size: int,
-                  epochs: float) -> Schedule:
-    steps_per_epoch = num_examples // global_batch_size
-    if steps_per_epoch < 1:
-        raise InputError(f'the training split has {num_examples} posts, fewer than one global '
-                         f'batch of {global_batch_size}: lower config.input.global_batch_size')
+def make_schedule(optim: ml_collections.ConfigDict, *, steps_per_epoch: int,
+                  global_batch_size: int, epochs: float) -> Schedule:
+    """`steps_per_epoch` comes from the input pipeline (which refuses a split under one batch)."""
     return Schedule(
         steps_per_epoch=steps_per_epoch,
         total_steps=max(1, round(epochs * steps_per_epoch)),

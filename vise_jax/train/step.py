@@ -57,20 +57,21 @@ def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def _head_sums(logits, batch: Batch, heads, label_smoothing: float = 0.0) -> dict[str, Metrics]:
+    return {head: losses.head_sums(logits[head], batch['targets'][head]['ids'],
+                                   batch['targets'][head]['probs'], batch['weight'],
+                                   label_smoothing)
+            for head in heads}
+
+
 def _loss_and_sums(params, batch_stats, micro: Batch, counts, *, model: flax.linen.Module,
                    options: StepOptions):
     (logits, _), updates = model.apply(
         {'params': params, 'batch_stats': batch_stats}, micro['image'], train=True,
         mutable=['batch_stats'])
-    total = 0.0
-    sums = {}
-    for head, weight in options.head_weights.items():
-        target = micro['targets'][head]
-        head_sums = losses.head_metrics(logits[head], target['ids'], target['probs'],
-                                        micro['weight'], options.label_smoothing)
-        del head_sums['loss']
-        total = total + weight * head_sums['loss_sum'] / jnp.maximum(counts[head], 1.0)
-        sums[head] = head_sums
+    sums = _head_sums(logits, micro, options.head_weights, options.label_smoothing)
+    total = sum(weight * sums[head]['loss_sum'] / jnp.maximum(counts[head], 1.0)
+                for head, weight in options.head_weights.items())
     return total, (updates['batch_stats'], sums)
 
 
@@ -125,14 +126,7 @@ def eval_step(state: TrainState, batch: Batch, *, model: flax.linen.Module,
     """Per-head sums over one batch (padding rows have weight 0), to add up over a pass."""
     logits, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                             batch['image'], train=False)
-    sums = {}
-    for head in heads:
-        target = batch['targets'][head]
-        head_sums = losses.head_metrics(logits[head], target['ids'], target['probs'],
-                                        batch['weight'])
-        del head_sums['loss']
-        sums[head] = head_sums
-    return sums
+    return _head_sums(logits, batch, heads)
 
 
 def jit_train_step(model: flax.linen.Module, optimizer: optax.GradientTransformation,
