@@ -145,6 +145,39 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3         # the latest N are kept ...
     config.train.keep_every_steps = 0         # ... and every M-th step's (0 = none)
+    # Where a run starts when its own checkpoint directory has none (big_vision's order):
+    config.train.resume = ''                  # a checkpoint directory (or one step of it) of
+                                              # another run: state, data position and step
+    config.train.init = ''                    # else an export directory or a torchvision/VisE
+                                              # .pth/.safetensors: backbone weights, fresh heads
+    config.train.checkpoint_dir = ''          # '' = {workdir}/train/checkpoints; or gs://...
+
+    # Evaluation exports (launch/export.py): backbone weights and batch statistics, no optimizer.
+    config.export = ml_collections.ConfigDict()
+    config.export.source = ''                 # '' = the run in {workdir}/train; or a checkpoint
+                                              # directory, a torchvision/VisE .pth/.safetensors
+    config.export.step = -1                   # checkpoint step to export; -1 = the latest
+    config.export.out = ''                    # '' = {workdir}/export/vise
+    config.export.torch = True                # also write torchvision-layout .pth and .safetensors
+
+    # Linear probes on downstream sets (launch/linear_eval.py). A set is 'csv:PATH' (tasks.json
+    # beside it), 'folder:ROOT' (root/<class>/<image>) or 'tfds:NAME:SPLIT'.
+    config.eval = ml_collections.ConfigDict()
+    config.eval.exports = ''                  # 'name=DIR,...'; '' = every export in {workdir}/export
+    config.eval.train = ''                    # the probe's training set
+    config.eval.test = ''                     # where it is scored
+    config.eval.tasks = ()                    # () = every task of the set
+    config.eval.val_fraction = 0.2            # of train, to choose the regularisation
+    config.eval.inverse_regularization = (0.001, 0.01, 0.1, 1.0, 10.0)  # logistic C grid
+    config.eval.max_iter = 1000
+    config.eval.batch_size = 256              # images per feature-extraction step
+    config.eval.image_size = 0                # 0 = the export's training image size
+    config.eval.spatial = False               # also cache the last stage's spatial map
+
+    # The paper's comparison (launch/pipeline.py): baselines trained and probed like VisE.
+    config.experiment = ml_collections.ConfigDict()
+    config.experiment.baselines = ()          # 'supervised' and/or 'random'
+    config.experiment.supervised_labels = ''  # 'CSV:COLUMN', rows id,<column>: one class per post
 
     # Device mesh: -1 takes every remaining device.
     config.mesh = ml_collections.ConfigDict()

@@ -280,8 +280,11 @@ def batch_dataset(loader: BatchLoader, num_examples: int, *, training: bool, see
 def pretrain_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                   split: str = TRAIN, *, heads: tuple[str, ...] | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  mesh: Mesh | None = None) -> PretrainData:
+                  mesh: Mesh | None = None,
+                  labels_dir: str | os.PathLike | None = None) -> PretrainData:
     """Batches of posts ({workdir}/posts or the manifest) with targets from {workdir}/labels.
+
+    `labels_dir` replaces {workdir}/labels (e.g. object labels for a supervised baseline).
 
     split 'train': random-resized crops, shuffled, endless. split 'eval': the held-out posts
     (input.eval_fraction, by a hash of the post id), eval transform, one pass, padded.
@@ -294,7 +297,7 @@ def pretrain_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     process_index, process_count = _process(process_index, process_count)
     local_batch_size(inp.global_batch_size, process_count, mesh)
     images, post_ids = _pretrain_images(config, workdir)
-    label_store = labels_lib.LabelStore(workdir / 'labels')
+    label_store = labels_lib.LabelStore(labels_dir or workdir / 'labels')
     label_store.check_aligned(post_ids)
     specs = targets.head_specs(label_store, tuple(heads or inp.heads), inp.max_targets_per_post)
     held_out = sources.eval_membership(post_ids, inp.eval_fraction)

@@ -121,10 +121,11 @@ class Run:
     meta: dict[str, Any]
 
 
-def build_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
+def build_run(config: ml_collections.ConfigDict, workdir: Path,
+              labels_dir: Path | None = None) -> Run:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    train_data = input_lib.pretrain_data(config, workdir, split='train')
-    eval_data = (input_lib.pretrain_data(config, workdir, split='eval')
+    train_data = input_lib.pretrain_data(config, workdir, split='train', labels_dir=labels_dir)
+    eval_data = (input_lib.pretrain_data(config, workdir, split='eval', labels_dir=labels_dir)
                  if config.train.eval_every_steps else None)
     heads = train_data.heads
     weights = head_weights(config.train.head_weights, heads)
@@ -161,11 +162,17 @@ def evaluate(run: Run, state: state_lib.TrainState) -> dict[str, float]:
     return {k: float(v) for k, v in step_lib.summarize(totals, run.weights).items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Trains to config.train.epochs, resuming from the latest checkpoint in the workdir."""
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
+          labels_dir: str | Path | None = None, out_dir: str | Path | None = None
+          ) -> dict[str, Any]:
+    """Trains to config.train.epochs, resuming from the latest checkpoint in the output.
+
+    Posts come from the workdir, labels from `labels_dir` (default {workdir}/labels), and the
+    output goes to `out_dir` (default {workdir}/train).
+    """
     workdir = Path(workdir)
-    out = workdir / 'train'
-    run = build_run(config, workdir)
+    out = Path(out_dir) if out_dir else workdir / 'train'
+    run = build_run(config, workdir, Path(labels_dir) if labels_dir else None)
     primary = jax.process_index() == 0
     with contextlib.ExitStack() as cleanup:
         # Closed however the run ends (a NaN included): Grain workers left to the interpreter's
