@@ -37,7 +37,7 @@ def test_command_line_runs_every_stage_on_the_tiny_world(tmp_path):
     world_dir = tmp_path / 'world'
     assert (world_dir / 'contact_sheet.png').stat().st_size > 0
     test_rows = (world_dir / 'downstream' / 'test.csv').read_text().splitlines()
-    assert test_rows[0] == 'image,object,mood' and len(test_rows) == 1 + 24
+    assert test_rows[0] == 'image,object,mood' and len(test_rows) == 1 + 40
     # The store holds exactly the bytes of the generated files.
     first = json.loads((world_dir / 'posts.jsonl').read_text().splitlines()[0])
     assert store[0].id == first['id']
@@ -63,9 +63,25 @@ def test_command_line_runs_every_stage_on_the_tiny_world(tmp_path):
     assert (tmp_path / 'train' / artifacts.STAGE_RECORD).exists()
     assert (tmp_path / 'train' / 'metrics.jsonl').stat().st_size > 0
 
+    # The experiment: three exports of the same backbone, probed on both tasks, and a verdict.
+    exports = {p.name for p in (tmp_path / 'export').iterdir()}
+    assert exports == {'vise', 'supervised', 'random'}
+    results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+    assert set(results['results']) == exports
+    assert all(set(by_task) == {'mood', 'object'} for by_task in results['results'].values())
+    assert (tmp_path / 'eval' / 'results.png').stat().st_size > 0
+    report_lines = (tmp_path / 'report.md').read_text().splitlines()
+    assert report_lines[2].startswith('Verdict: ')
+    assert sum(line.startswith(('- holds: ', '- FAILS: ')) for line in report_lines) == 6
+
     again = run_launch('pipeline.py', f'--config=configs/demo.py:{TINY}', f'--workdir={tmp_path}')
     assert again.returncode == 0
-    assert again.stderr.count('up to date') == len(pipeline.STAGES)  # every stage skipped
+    # Every stage skipped, the baselines' parts included; no export rewritten.
+    for name in [*pipeline.STAGES, 'supervised_labels']:
+        if name != 'baselines':
+            assert f'{name}: up to date' in again.stderr, name
+    assert again.stderr.count('train: up to date') == 2
+    assert again.stderr.count('export: up to date') == 3 and 'export: wrote' not in again.stderr
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -104,7 +120,7 @@ def test_interrupted_world_resumes_to_identical_bytes(tmp_path, monkeypatch):
     resumed = count_written_posts(monkeypatch)
     pipeline.run(tiny_config(), tmp_path / 'run', stages=['demo_world'])
     # Chunks of 16 posts: the first two chunks (32 posts) were committed and are not redone.
-    assert len(resumed) == 48 + 24 + 24 - 32
+    assert len(resumed) == 48 + 80 + 40 - 32
     assert tree_digest(tmp_path / 'run' / 'world') == tree_digest(tmp_path / 'reference' / 'world')
 
 

@@ -163,7 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Linear probes on downstream sets (launch/linear_eval.py). A set is 'csv:PATH' (tasks.json
     # beside it), 'folder:ROOT' (root/<class>/<image>) or 'tfds:NAME:SPLIT'.
     config.eval = ml_collections.ConfigDict()
-    config.eval.exports = ''                  # 'name=DIR,...'; '' = every export in {workdir}/export
+    config.eval.exports = ''                  # 'name=DIR,...'; '' = each export in {workdir}/export
     config.eval.train = ''                    # the probe's training set
     config.eval.test = ''                     # where it is scored
     config.eval.tasks = ()                    # () = every task of the set

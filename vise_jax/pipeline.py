@@ -7,7 +7,9 @@ skipped; otherwise it (re)builds or resumes. Stages run in the order of STAGES.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import glob
 import logging
 import os
@@ -19,7 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vise_jax import artifacts, posts, sharding, text
+from vise_jax import artifacts, evaluate, experiment, export, posts, sharding, text
 from vise_jax.cluster import clustering, labels
 from vise_jax.demo import world, writer
 from vise_jax.errors import InputError, TrainingError
@@ -165,14 +167,20 @@ def cluster_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
 
 
 def train_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
-    """Trains on the posts' images and labels; reruns continue from the latest checkpoint.
+    """Trains on the posts' images and labels; reruns continue from the latest checkpoint."""
+    labels_record = _finished_record(workdir / 'labels', 'cluster')
+    return _train(config, workdir, workdir / 'labels', labels_record, workdir / 'train')
 
-    Unlike the other stages, a changed config never wipes {workdir}/train: a longer schedule
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, labels_dir: Path,
+           labels_record: Record, out: Path) -> Record:
+    """One training run from `labels_dir` into `out`, recorded by its stage.json.
+
+    Unlike the other stages, a changed config never wipes the output: a longer schedule
     continues the run, and a checkpoint made for another model or head set is refused on restore.
     """
     posts_record = _finished_record(workdir / 'posts', 'ingest')
-    labels_record = _finished_record(workdir / 'labels', 'cluster')
-    stage = artifacts.StageDir(workdir / 'train', 'train', {
+    stage = artifacts.StageDir(out, 'train', {
         'posts': posts_record['fingerprint'], 'labels': labels_record['fingerprint'],
         'seed': config.seed, **{group: config[group].to_dict()
                                 for group in ('input', 'model', 'optim', 'train')}})
@@ -180,7 +188,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
         log.info('train: up to date in %s, skipped', stage.path)
         return stage.record()
     start = time.perf_counter()
-    summary = train_loop.train(config, workdir)
+    summary = train_loop.train(config, workdir, labels_dir=labels_dir, out_dir=out)
     if not summary['finished']:
         raise TrainingError(f'train: stopped at step {summary["final_step"]} of '
                             f'{summary["total_steps"]} (SIGTERM); rerun the same command to '
@@ -191,12 +199,128 @@ def train_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
     return stage.record() or {}
 
 
+def supervised_labels_stage(config: ml_collections.ConfigDict, workdir: Path,
+                            out: Path) -> Record:
+    """Known classes per post (config.experiment.supervised_labels) as a one-head label store."""
+    posts_record = _finished_record(workdir / 'posts', 'ingest')
+    csv_path, column = labels.parse_class_spec(config.experiment.supervised_labels, workdir)
+    if not csv_path.exists():
+        raise InputError(f'{csv_path}: no such file (config.experiment.supervised_labels)')
+    stage = artifacts.StageDir(out, 'supervised_labels', {
+        'version': labels.LABELS_VERSION, 'posts': posts_record['fingerprint'],
+        'csv': artifacts.file_identity(csv_path), 'column': column})
+
+    def build():
+        stage.prepare()
+        post_ids = [post.id for post in posts.PostsStore(workdir / 'posts').iter_meta()]
+        stage.finish(config.to_dict(),
+                     labels.write_class_labels(stage.path, csv_path, column, post_ids))
+
+    return _run_or_skip(stage, build)
+
+
+def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
+    """The trained backbone as an evaluation export ({workdir}/export/vise by default)."""
+    if not config.export.source:
+        _finished_record(workdir / 'train', 'train')
+    return export.export_from_config(config, workdir)
+
+
+def baselines_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
+    """The paper's baselines, same backbone and budget: supervised on known classes, random.
+
+    Exports land beside VisE's in {workdir}/export, so the linear probes compare all of them.
+    """
+    known = (experiment.SUPERVISED, experiment.RANDOM)
+    unknown = set(config.experiment.baselines) - set(known)
+    if unknown:
+        raise InputError(f'config.experiment.baselines: unknown {sorted(unknown)}; known: {known}')
+    records = {}
+    for name in config.experiment.baselines:
+        out = workdir / 'export' / name
+        if name == experiment.SUPERVISED:
+            checkpoints = _supervised_baseline(config, workdir) / 'checkpoints'
+            write = functools.partial(export.export_checkpoint, checkpoints, out, overwrite=True)
+        else:
+            write = functools.partial(export.random_export, config.model.name, config.model.width,
+                                      config.input.image_size, config.seed, out, overwrite=True)
+        records[name] = export.written_by_process_zero(write, out)
+    return records
+
+
+def _supervised_baseline(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """Trains the VisE run's model, schedule and budget on one known class per post."""
+    base = workdir / 'baselines' / experiment.SUPERVISED
+    labels_record = supervised_labels_stage(config, workdir, base / 'labels')
+    baseline = copy.deepcopy(config)
+    with baseline.unlocked():
+        baseline.input.heads = ()            # the label store's one class head
+        baseline.train.head_weights = ''
+        baseline.train.init = baseline.train.resume = baseline.train.checkpoint_dir = ''
+    _train(baseline, workdir, base / 'labels', labels_record, base / 'train')
+    return base / 'train'
+
+
+def linear_eval_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
+    """Linear probes of every export on the downstream tasks; with baselines, the verdict.
+
+    Redone when an export's weights, the eval settings or a dataset's listing change.
+    """
+    exports = evaluate.resolve_exports(config.eval.exports, workdir)
+    stage = artifacts.StageDir(workdir / 'eval', 'linear_eval', {
+        'exports': {name: export.read_export_meta(path)['variables_sha256']
+                    for name, path in exports.items()},
+        'datasets': [_dataset_identity(spec, workdir)
+                     for spec in (config.eval.train, config.eval.test)],
+        'eval': config.eval.to_dict(), 'input': config.input.to_dict(), 'seed': config.seed,
+        'experiment': config.experiment.to_dict()})
+
+    def build():
+        stage.prepare()
+        results = evaluate.linear_eval(config, workdir, exports, stage.path)
+        if jax.process_index() == 0:
+            if config.experiment.baselines:
+                log.info('experiment: report in %s', experiment_report(results, workdir))
+            stage.finish(config.to_dict(), {'results': results['results']})
+
+    return _run_or_skip(stage, build)
+
+
+def _dataset_identity(spec: str, workdir: Path) -> Any:
+    """A downstream set's spec, with the identity of its CSV file when it is one."""
+    kind, _, rest = spec.format(workdir=workdir).partition(':')
+    return [spec, artifacts.file_identity(rest) if kind == 'csv' and os.path.isfile(rest)
+            else None]
+
+
+def experiment_report(results: Record, workdir: Path) -> Path:
+    """{workdir}/report.md: the verdict on the paper's pattern, the probes, links to the rest."""
+    headline = {task: info['metrics'][0] for task, info in results['tasks'].items()}
+    scores = {name: {task: by_task[task]['metrics'][headline[task]] for task in by_task}
+              for name, by_task in results['results'].items()}
+    kinds = {task: info.get('kind') for task, info in results['tasks'].items()}
+    sections = {
+        'Pseudo labels': '[cluster report](labels/report/report.md)',
+        'Training': ('VisE: [curves](train/curves.png), metrics in train/metrics.jsonl. '
+                     'Supervised baseline: [curves](baselines/supervised/train/curves.png).'),
+        'Probe details': '[eval/results.md](eval/results.md) (chosen C, validation scores), '
+                         'eval/results.json (everything).',
+    }
+    return experiment.write_report(
+        workdir / 'report.md', found=experiment.claims(scores, kinds), metric_of=headline,
+        results_table=evaluate.report.markdown_table(results), chart='eval/results.png',
+        sections=sections)
+
+
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], Record | None]] = {
     'demo_world': demo_world_stage,
     'ingest': ingest_stage,
     'embed': embed_stage,
     'cluster': cluster_stage,
     'train': train_stage,
+    'export': export_stage,
+    'baselines': baselines_stage,
+    'linear_eval': linear_eval_stage,
 }
 
 

@@ -7,6 +7,8 @@ A head is one engagement type at one clustering granularity, named like 'comment
   cluster ids, stored in CSR form (`offsets`, `ids`); the soft target is their normalised
   histogram. A post without comments is masked.
 * Reaction heads: one cluster id per post, -1 (masked) where the post has no reactions.
+* Class heads ('object_k10'): a known class per post, for the supervised baseline; stored and
+  trained like reaction heads (one id, -1 where the post has no class).
 
 On disk (a directory written by the cluster stage): labels.json (num_posts, a digest of the post
 ids the labels are aligned with, and per head its kind, K, encoder, centroid hash) and one
@@ -15,6 +17,7 @@ ids the labels are aligned with, and per head its kind, K, encoder, centroid has
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import os
@@ -29,6 +32,7 @@ from vise_jax.errors import InputError
 
 COMMENTS = 'comments'
 REACTIONS = 'reactions'
+CLASSES = 'classes'
 LABELS_INDEX = 'labels.json'
 LABELS_VERSION = 1
 
@@ -105,6 +109,27 @@ def reaction_head(k: int, has_signal: np.ndarray, cluster_ids: np.ndarray) -> He
     return HeadLabels(head_name(REACTIONS, k), REACTIONS, k, ids)
 
 
+def class_head(column: str, post_ids: Sequence[str], classes_of: dict[str, str],
+               where: str) -> tuple[HeadLabels, list[str]]:
+    """One known class per post (a CSV column), classes in sorted order; '' = masked.
+
+    Every post must have a row: a missing one is an error naming `where`, not a silent mask.
+    """
+    missing = [post for post in post_ids if post not in classes_of]
+    if missing:
+        raise InputError(f'{where}: no row for {len(missing)} of {len(post_ids)} posts '
+                         f'(first: {missing[0]!r})')
+    values = [classes_of[post] for post in post_ids]
+    classes = sorted({value for value in values if value})
+    if len(classes) < 2:
+        raise InputError(f'{where}: column {column!r} has {len(classes)} distinct classes; '
+                         'a classification head needs at least 2')
+    code = {name: i for i, name in enumerate(classes)}
+    ids = np.array([code[value] if value else -1 for value in values], np.int32)
+    k = len(classes)
+    return HeadLabels(head_name(column, k), CLASSES, k, ids), classes
+
+
 def reaction_features(counts: np.ndarray, log_total: bool) -> tuple[np.ndarray, np.ndarray]:
     """Reaction counts (N, types) -> (features, has_signal).
 
@@ -177,3 +202,31 @@ class LabelStore:
         if post_ids_digest(post_ids) != self.index['post_ids_digest']:
             raise InputError(f'{self.directory}: labels were made for other posts than these '
                              '(post id digest differs); rerun the cluster stage')
+
+
+def parse_class_spec(spec: str, workdir: str | os.PathLike) -> tuple[Path, str]:
+    """'CSV:COLUMN' ('{workdir}' substituted) -> (csv path, column)."""
+    path, sep, column = spec.format(workdir=workdir).rpartition(':')
+    if not sep or not path or not column:
+        raise InputError(f"config.experiment.supervised_labels must be 'CSV:COLUMN', got {spec!r}")
+    return Path(path), column
+
+
+def write_class_labels(out: Path, csv_path: Path, column: str,
+                       post_ids: Sequence[str]) -> dict[str, Any]:
+    """A label store with one class head from `column` of a CSV keyed by 'id' (rows of posts)."""
+    try:
+        with open(csv_path, newline='', encoding='utf-8') as f:
+            reader = csv.DictReader(f)
+            if 'id' not in (reader.fieldnames or []) or column not in reader.fieldnames:
+                raise InputError(f'{csv_path}: needs columns id and {column!r}, '
+                                 f'has {reader.fieldnames}')
+            classes_of = {row['id']: row[column].strip() for row in reader}
+    except FileNotFoundError:
+        raise InputError(f'{csv_path}: no such file '
+                         '(config.experiment.supervised_labels)') from None
+    head, classes = class_head(column, post_ids, classes_of, str(csv_path))
+    save_head(out, head)
+    info = {'kind': head.kind, 'k': head.k, 'classes': classes, 'source': f'{csv_path}:{column}'}
+    write_index(out, head.num_posts, post_ids_digest(post_ids), {head.name: info})
+    return {'heads': {head.name: info}, 'posts_with_class': int(head.mask().sum())}

@@ -316,13 +316,25 @@ def image_folder(root: str | os.PathLike) -> LabelledImages:
 
 def tfds_images(name: str, split: str, data_dir: str | None = None, image_key: str = 'image',
                 label_key: str = 'label') -> LabelledImages:
-    """A TFDS split; labels are read once here (every record), images per batch later."""
+    """A TFDS split; labels are read once here (every record), images per batch later.
+
+    A ClassLabel feature is a single-label task; a Sequence of ClassLabel (the class ids
+    present, e.g. data/vise_intentonomy) a multi-label one, given as multi-hot [N, C].
+    """
     images = TfdsImages(name, split, data_dir, image_key)
     source = images.source()
     feature = source.dataset_info.features[label_key]
-    classes = tuple(getattr(feature, 'names', None) or
-                    (str(i) for i in range(int(getattr(feature, 'num_classes', 0)))))
-    labels = np.array([int(source[i][label_key]) for i in range(len(source))], np.int32)
-    task = Task(label_key, SINGLE_LABEL, classes)
+    inner = getattr(feature, 'feature', None)  # tfds.features.Sequence(ClassLabel(...))
+    multi_label = inner is not None and hasattr(inner, 'num_classes')
+    class_feature = inner if multi_label else feature
+    classes = tuple(getattr(class_feature, 'names', None) or
+                    (str(i) for i in range(int(getattr(class_feature, 'num_classes', 0)))))
+    if multi_label:
+        labels = np.zeros((len(source), len(classes)), np.int32)
+        for i in range(len(source)):
+            labels[i, np.asarray(source[i][label_key], np.int64)] = 1
+    else:
+        labels = np.array([int(source[i][label_key]) for i in range(len(source))], np.int32)
+    task = Task(label_key, MULTI_LABEL if multi_label else SINGLE_LABEL, classes)
     return LabelledImages(images, {label_key: task}, {label_key: labels},
                           f'tfds {name}[{split}]')

@@ -17,6 +17,9 @@ The published VisE trunks are torchvision ResNet-50s without avgpool and fc, sav
 nn.Sequential: keys 0.* (conv1), 1.* (bn1), 4.*-7.* (layer1-layer4). They are recognised and
 renamed (`from_vise_sequential`); `to_vise_sequential` writes that layout back.
 
+`infer_architecture` reads the depth and width from a state_dict's keys and conv1's shape.
+Widths other than 64 (toy networks) keep torchvision's key names with narrower tensors.
+
 Floating arrays come out float32; anything missing, unexpected or misshapen raises InputError
 naming the key.
 """
@@ -31,6 +34,7 @@ import numpy as np
 
 from vise_jax.errors import InputError
 from vise_jax.models.resnet import (
+    BACKBONES,
     RESNET_DEPTHS,
     STEM_WIDTH,
     BlockLayout,
@@ -59,19 +63,47 @@ class Weight:
     is_conv: bool = False         # OIHW in torch, HWIO in Flax
 
 
-def torchvision_weights(depth_or_name: int | str) -> list[Weight]:
-    """Every tensor of torchvision's resnet<depth> state_dict except fc, in torchvision's order."""
+def torchvision_weights(depth_or_name: int | str, width: int = STEM_WIDTH) -> list[Weight]:
+    """Every tensor of torchvision's resnet<depth> state_dict except fc, in torchvision's order.
+
+    `width` other than torchvision's 64 gives the same keys with narrower tensors (the toy
+    networks of tests and demos; torchvision itself cannot build them)."""
     spec = resnet_spec(depth_or_name)
-    weights = [*conv_weight('conv1', ('conv1',), STEM_WIDTH, 3, 7),
-               *batchnorm_weights('bn1', ('bn1',), STEM_WIDTH)]
-    for block in block_layouts(spec.blocks_per_stage, spec.bottleneck):
+    weights = [*conv_weight('conv1', ('conv1',), width, 3, 7),
+               *batchnorm_weights('bn1', ('bn1',), width)]
+    for block in block_layouts(spec.blocks_per_stage, spec.bottleneck, width):
         weights.extend(block_weights(block, spec.bottleneck))
     return weights
 
 
-def torchvision_shapes(depth_or_name: int | str) -> dict[str, tuple[int, ...]]:
+def torchvision_shapes(depth_or_name: int | str,
+                       width: int = STEM_WIDTH) -> dict[str, tuple[int, ...]]:
     """torchvision's state_dict key -> shape for resnet<depth>, without fc."""
-    return {w.torch_key: w.torch_shape for w in torchvision_weights(depth_or_name)}
+    return {w.torch_key: w.torch_shape for w in torchvision_weights(depth_or_name, width)}
+
+
+def infer_architecture(state_dict: Mapping[str, Any]) -> tuple[str, int]:
+    """(name, width) of the ResNet a torchvision or VisE nn.Sequential state_dict belongs to,
+    read from its keys (blocks per stage, block type) and conv1's shape (width)."""
+    state_dict = canonical_keys(state_dict)
+    if 'conv1.weight' not in state_dict:
+        raise InputError(f'not a torchvision ResNet state_dict: no conv1.weight (nor 0.weight of '
+                         f'a VisE nn.Sequential trunk) among its {len(state_dict)} keys '
+                         f'{listing(sorted(state_dict))}')
+    blocks = [len({key.split('.')[1] for key in state_dict
+                   if key.startswith(f'layer{stage}.') and key.split('.')[1].isdigit()})
+              for stage in range(1, 5)]
+    bottleneck = 'layer1.0.conv3.weight' in state_dict
+    kind = 'bottleneck' if bottleneck else 'basic'
+    spec = next((s for s in RESNET_DEPTHS.values()
+                 if s.blocks_per_stage == tuple(blocks) and s.bottleneck == bottleneck), None)
+    if spec is None:
+        raise InputError(f'no torchvision ResNet has {blocks} {kind} blocks per stage; known: '
+                         f'{sorted(BACKBONES)}')
+    shape = np.shape(state_dict['conv1.weight'])
+    if len(shape) != 4 or shape[1:] != (3, 7, 7):
+        raise InputError(f'conv1.weight has shape {tuple(shape)}; expected (width, 3, 7, 7)')
+    return spec.name, int(shape[0])
 
 
 def block_weights(block: BlockLayout, bottleneck: bool) -> Iterator[Weight]:
@@ -115,13 +147,14 @@ def batchnorm_weights(torch_name: str, flax_module: tuple[str, ...],
 # ------------------------------------------------------------------------- torchvision -> Flax
 
 
-def torchvision_to_flax(state_dict: Mapping[str, Any],
-                        depth_or_name: int | str) -> dict[str, dict]:
+def torchvision_to_flax(state_dict: Mapping[str, Any], depth_or_name: int | str, *,
+                        width: int = STEM_WIDTH) -> dict[str, dict]:
     """A torchvision (or VisE nn.Sequential) ResNet state_dict -> {'params', 'batch_stats'} for
-    `vise_jax.models.resnet(depth_or_name)`. fc.* is ignored (see `torchvision_fc`);
-    num_batches_tracked may be absent (older checkpoints)."""
+    `vise_jax.models.create_resnet(depth_or_name, width=width)`. fc.* is ignored (see
+    `torchvision_fc`); num_batches_tracked may be absent (older checkpoints).
+    `infer_architecture` reads depth and width from a state_dict."""
     state_dict = canonical_keys(state_dict)
-    weights = torchvision_weights(depth_or_name)
+    weights = torchvision_weights(depth_or_name, width)
     check_keys(state_dict, weights, depth_or_name)
     variables: dict[str, dict] = {'params': {}, 'batch_stats': {}}
     for weight in weights:
@@ -156,6 +189,14 @@ def canonical_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if is_vise_sequential(state_dict):
         state_dict = from_vise_sequential(state_dict)
     return state_dict
+
+
+def state_dict_layout(state_dict: Mapping[str, Any]) -> str:
+    """'vise_sequential' for a VisE nn.Sequential trunk's keys, else 'torchvision'."""
+    keys = list(state_dict)
+    if keys and all(key.startswith(DATA_PARALLEL_PREFIX) for key in keys):
+        keys = [key[len(DATA_PARALLEL_PREFIX):] for key in keys]
+    return 'vise_sequential' if is_vise_sequential(dict.fromkeys(keys)) else 'torchvision'
 
 
 def is_vise_sequential(state_dict: Mapping[str, Any]) -> bool:
@@ -255,8 +296,8 @@ def flax_to_torchvision(variables: Mapping[str, Any], *,
     The depth is read from the variables' layout. num_batches_tracked, which Flax does not
     count, is written as given for every BatchNorm (PyTorch reads it only when momentum=None).
     """
-    spec = spec_of(variables)
-    weights = torchvision_weights(spec.depth)
+    spec, width = spec_of(variables), width_of(variables)
+    weights = torchvision_weights(spec.depth, width)
     check_flax_leaves(variables, weights)
     state_dict = {}
     for weight in weights:
@@ -269,9 +310,10 @@ def flax_to_torchvision(variables: Mapping[str, Any], *,
         state_dict[weight.torch_key] = hwio_to_oihw(array) if weight.is_conv else array
     if fc is not None:
         kernel = checked_array(fc['kernel'], 'fc kernel', None)
-        if kernel.ndim != 2 or kernel.shape[0] != spec.feature_dim:
+        feature_dim = spec.feature_dim * width // STEM_WIDTH
+        if kernel.ndim != 2 or kernel.shape[0] != feature_dim:
             raise InputError(f'fc kernel has shape {kernel.shape}; expected '
-                             f'({spec.feature_dim}, classes)')
+                             f'({feature_dim}, classes)')
         state_dict['fc.weight'] = np.ascontiguousarray(kernel.T)
         state_dict['fc.bias'] = checked_array(fc['bias'], 'fc bias', (kernel.shape[1],))
     return state_dict
@@ -293,6 +335,15 @@ def spec_of(variables: Mapping[str, Any]) -> ResNetSpec:
             return spec
     kind = 'bottleneck' if bottleneck else 'basic'
     raise InputError(f'no torchvision ResNet has {blocks} {kind} blocks per stage')
+
+
+def width_of(variables: Mapping[str, Any]) -> int:
+    """The stem's output channels: 64 for torchvision's ResNets, fewer for toy ones."""
+    try:
+        return int(np.shape(variables['params']['conv1']['kernel'])[-1])
+    except (KeyError, TypeError, IndexError) as error:
+        raise InputError(f'variables have no params/conv1/kernel (missing {error}): not a '
+                         f'vise_jax ResNet\'s {{"params", "batch_stats"}}') from None
 
 
 def check_flax_leaves(variables: Mapping[str, Any], weights: list[Weight]) -> None:
