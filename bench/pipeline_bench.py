@@ -10,23 +10,14 @@ cores and load so that a noisy run can be told from a slow one.
 """
 
 import argparse
-import importlib.util
 import os
 import shutil
 import time
 from pathlib import Path
 
+from config_loader import load_config
+
 from vise_jax import pipeline
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_config(spec: str):
-    path, _, arg = spec.partition(':')
-    module_spec = importlib.util.spec_from_file_location('bench_config', REPO / path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def main() -> None:

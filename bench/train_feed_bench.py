@@ -11,26 +11,16 @@ its last step, so queued work is counted where it was spent.
 """
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import jax
+from config_loader import load_config
 
 from vise_jax import input as input_lib
 from vise_jax import pipeline
 from vise_jax.train import loop
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_config(spec: str):
-    path, _, arg = spec.partition(':')
-    module_spec = importlib.util.spec_from_file_location('bench_config', REPO / path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def timed_steps(step_fn, state, batches, count: int):

@@ -76,3 +76,21 @@ def run_launch(script: str, *args: str, cwd: Path = REPO) -> subprocess.Complete
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     return subprocess.run([sys.executable, str(REPO / 'launch' / script), *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='session')
+def labelled_world(tmp_path_factory):
+    """The tiny demo world up to its labels (demo_world, ingest, embed, cluster), built once per
+    session; tests copy it before writing into it."""
+    from vise_jax import pipeline
+
+    workdir = tmp_path_factory.mktemp('world')
+    pipeline.run(load_config('demo.py', 'size=tiny'), workdir,
+                 ['demo_world', 'ingest', 'embed', 'cluster'])
+    return workdir
+
+
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory):
+    """A persistent JAX compilation cache for the training processes tests start."""
+    return tmp_path_factory.mktemp('jax_compile_cache')

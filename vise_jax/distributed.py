@@ -4,6 +4,11 @@ One process per host (TPU VM worker, GPU node) or per GPU (SLURM tasks). Explici
 otherwise the environment of a multi-process launch is recognised (TPU pod slice, SLURM with more
 than one task, Open MPI, or JAX's own JAX_COORDINATOR_ADDRESS), and JAX's cluster detection
 fills in the coordinator, process count and id. A plain single-process run does nothing here.
+
+`jax.distributed.initialize` also starts JAX's preemption service, whose SIGTERM handler makes
+`multihost_utils.reached_preemption_sync_point` (Orbax: `manager.reached_preemption`) agree on
+one step in every process; the training loop stops there, and installs no SIGTERM handler of
+its own in a multi-process run (it would replace JAX's).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def initialize(coordinator_address: str = '', num_processes: int | None = None,
     launcher = 'flags' if coordinator_address else multi_process_launcher(environ)
     if launcher is None:
         return False
-    # CPU processes need a collectives backend to talk to each other; accelerators ignore it.
+    # CPU processes need a collectives backend to talk to each other (gloo is JAX 0.10's default
+    # already; set for older releases); accelerators ignore it.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     if coordinator_address:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -22,6 +22,7 @@ mean and std (`models.normalize_images` does exactly that).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -433,6 +434,32 @@ def read_checkpoint(checkpoint_dir: str | os.PathLike,
     """The backbone's parameters and batch statistics of one step (default: the latest) of a
     training run's Orbax checkpoints, as numpy arrays; the optimizer state is not read."""
     directory, step = _resolve_checkpoint_dir(checkpoint_dir, step)
+    with _benign_orbax_warnings_dropped():
+        return _read_checkpoint(directory, step)
+
+
+class _BenignOrbaxWarnings(logging.Filter):
+    """Drops what Orbax warns about every read-only, partial read: the manager is read-only
+    on purpose, and the Grain iterator state ('data') is not wanted here."""
+
+    PHRASES = ('read_only=True', 'is read only', 'Item "data" was found')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(phrase in record.getMessage() for phrase in self.PHRASES)
+
+
+@contextlib.contextmanager
+def _benign_orbax_warnings_dropped():
+    benign = _BenignOrbaxWarnings()
+    absl_logger = logging.getLogger('absl')
+    absl_logger.addFilter(benign)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(benign)
+
+
+def _read_checkpoint(directory: epath.Path, step: int | None) -> CheckpointBackbone:
     local = _local_process_options()
     manager = ocp.CheckpointManager(
         directory, item_names=('state', 'meta'),

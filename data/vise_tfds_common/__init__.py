@@ -90,12 +90,15 @@ def class_folders(root: Path, classes: Sequence[str], dataset: str) -> dict[str,
     return folders
 
 
-def images_under(folder: Path) -> Iterator[Path]:
-    """Image files below a folder, at any depth, in sorted order (hidden files left out)."""
+def images_under(folder: Path, dataset: str) -> Iterator[Path]:
+    """Image files below a folder, at any depth, in sorted order (hidden files left out); an
+    empty image file is an error."""
     for path in sorted(folder.rglob('*')):
         if (path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
                 and not any(part.startswith('.') or part in IGNORED_NAMES
                             for part in path.relative_to(folder).parts)):
+            if path.stat().st_size == 0:
+                raise AnnotationError(f'{dataset}: empty image file {path}')
             yield path
 
 

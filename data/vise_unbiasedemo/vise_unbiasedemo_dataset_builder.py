@@ -63,9 +63,7 @@ class Builder(common.ManualImageBuilder):
         root = common.find_root(manual_dir, CLASSES[0], self.name)
         records = []
         for label, folder in common.class_folders(root, CLASSES, self.name).items():
-            for path in common.images_under(folder):
-                if path.stat().st_size == 0:
-                    raise common.AnnotationError(f'{self.name}: empty image file {path}')
+            for path in common.images_under(folder, self.name):
                 inner = path.relative_to(folder).parts
                 records.append({'image': path, 'label': label,
                                 'object': inner[0] if len(inner) > 1 else '',

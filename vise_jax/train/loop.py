@@ -6,8 +6,11 @@ laptop CPU, one GPU and a TPU pod. Per step the host only fetches the next local
 dispatches the jitted step; metrics are read one step late, so the device is never waited on
 except at logging, evaluation and checkpoint steps.
 
-Output in {workdir}/train: checkpoints/ (Orbax); on process 0 metrics.jsonl, tensorboard/ and
-curves.png; stage.json when the last step is done.
+Output in {workdir}/train: checkpoints/ (Orbax; config.train.checkpoint_dir may put them
+elsewhere, e.g. a bucket); on process 0 metrics.jsonl, tensorboard/ and curves.png; stage.json
+when the last step is done. A run starts from its own latest checkpoint, else
+config.train.resume, else config.train.init, else from scratch (checkpointing.starting_state);
+a SIGTERM or the multi-host preemption sync point saves and stops every process at one step.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import signal
@@ -25,10 +29,11 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import tqdm
 
+from vise_jax import artifacts, models, sharding
 from vise_jax import input as input_lib
-from vise_jax import models, sharding
 from vise_jax.errors import InputError, TrainingError
 from vise_jax.train import checkpointing, optim, plots
 from vise_jax.train import state as state_lib
@@ -54,9 +59,21 @@ def head_weights(configured: str, heads: Mapping[str, Any]) -> dict[str, float]:
 
 
 def run_meta(config: ml_collections.ConfigDict, heads: Mapping[str, Any]) -> dict[str, Any]:
-    """What a checkpoint of this run is made for (checked on restore)."""
-    return {'model': config.model.name, 'image_size': config.input.image_size,
-            'heads': {name: int(info.k) for name, info in heads.items()}}
+    """What a checkpoint of this run is made for (checked on restore), and how it was made.
+
+    The train step draws no random numbers: `seed` (with the initial key derived from it) fixes
+    the initial weights, the shuffle and the augmentation; the data position is saved with the
+    iterator. So the seed is all the randomness a resume needs, and it is checked.
+    """
+    plain = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    key = jax.random.key(config.seed)
+    return {'model': config.model.name, 'width': int(config.model.width),
+            'image_size': config.input.image_size,
+            'heads': {name: int(info.k) for name, info in heads.items()},
+            'seed': int(config.seed),
+            'rng': {'seed': int(config.seed), 'impl': str(jax.random.key_impl(key)),
+                    'init_key': np.asarray(jax.random.key_data(key)).tolist()},
+            'config': plain, 'config_hash': artifacts.fingerprint(plain)}
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], heads) -> None:
@@ -84,18 +101,31 @@ def check_finite(step: int, metrics: Mapping[str, Any], heads) -> None:
 
 
 class StopRequest:
-    """Set when the process receives SIGTERM (a scheduler's preemption notice)."""
+    """Set when the process receives SIGTERM (a scheduler's preemption notice).
+
+    Only in a single-process run: with several processes JAX's own SIGTERM handler (installed
+    by jax.distributed) feeds the preemption sync point, which stops every process at the same
+    step (`stop_now`); a handler of ours would replace it and stop one process alone, leaving
+    the others waiting in a collective.
+    """
 
     def __init__(self):
         self.requested = False
 
     @contextlib.contextmanager
     def installed(self):
+        if jax.process_count() > 1:
+            yield self
+            return
         previous = signal.signal(signal.SIGTERM, self._handle)
         try:
             yield self
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+    def stop_now(self, manager: Any, step: int) -> bool:
+        """Whether to save and stop after `step`; every process gets the same answer."""
+        return self.requested or manager.reached_preemption(step)
 
     def _handle(self, signum, frame) -> None:
         del signum, frame
@@ -180,10 +210,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         iterator = run.train_data.iterator()
         cleanup.callback(_close, iterator)
         manager = checkpointing.make_manager(
-            out / 'checkpoints', every_steps=config.train.checkpoint_every_steps,
+            _expand(config.train.checkpoint_dir, workdir) or out / 'checkpoints',
+            every_steps=config.train.checkpoint_every_steps,
             keep=config.train.keep_checkpoints, keep_every_steps=config.train.keep_every_steps)
         cleanup.callback(manager.close)
-        state, tally = _train_steps(run, out, iterator, manager)
+        state, tally = _train_steps(run, out, iterator, manager,
+                                    resume=_expand(config.train.resume, workdir),
+                                    init=_expand(config.train.init, workdir))
     if primary:
         log.info('train: curves in %s', plots.plot_curves(out / 'metrics.jsonl',
                                                           out / 'curves.png', list(run.weights)))
@@ -193,17 +226,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
             'bad_images': tally.counts()}
 
 
-def _train_steps(run: Run, out: Path, iterator: Any, manager: Any) -> tuple[Any, Any]:
-    """Steps from the latest checkpoint (or scratch) to the end or a stop request."""
+def _train_steps(run: Run, out: Path, iterator: Any, manager: Any, *, resume: str = '',
+                 init: str = '') -> tuple[Any, Any]:
+    """Steps from where the run starts (checkpointing.starting_state) to the end or a stop."""
     config = run.config
     primary = jax.process_index() == 0
-    restored = checkpointing.restore_latest(manager, run.state, run.shardings, iterator, run.meta)
-    state = restored if restored is not None else run.state
+    start = checkpointing.starting_state(manager, run.state, run.shardings, iterator, run.meta,
+                                         resume=resume, init=init)
+    state = start.state
     first_step = int(jax.device_get(state.step))
     total = run.schedule.total_steps
     log_every = config.train.log_every_steps
     batch_images = config.input.global_batch_size
-    _log_plan(run, first_step)
+    _log_plan(run, start)
+    if primary:
+        _forget_metrics_after(out / 'metrics.jsonl', first_step)
 
     tally = input_lib.BadImageTally.from_config(config)
     interval = MeanAccumulator()
@@ -244,15 +281,23 @@ def _train_steps(run: Run, out: Path, iterator: Any, manager: Any) -> tuple[Any,
             if run.eval_step is not None and (done % config.train.eval_every_steps == 0
                                               or done == total):
                 writer.write(done, 'eval', evaluate(run, state))
-            if stop.requested or done == total or manager.should_save(done):
+            stopping = stop.stop_now(manager, done)
+            if stopping or done == total or manager.should_save(done):
                 if pending is not None:  # never save parameters a NaN has reached
                     interval.add(_checked(*pending, run.weights))
                     pending = None
                 checkpointing.save(manager, done, state, iterator, run.meta,
-                                   force=stop.requested or done == total)
-            if stop.requested:
+                                   force=stopping or done == total)
+            if stopping:
+                log.warning('train: stopped at step %d of %d (preemption); rerun the same '
+                            'command to continue', done, total)
                 break
     return state, tally
+
+
+def _expand(path: str, workdir: Path) -> str:
+    """config.train.checkpoint_dir / resume / init with '{workdir}' replaced."""
+    return path.replace('{workdir}', str(workdir))
 
 
 def _checked(step: int, metrics: Any, weights: Mapping[str, float]) -> dict[str, float]:
@@ -267,11 +312,29 @@ def _close(iterator: Any) -> None:
         close()
 
 
-def _log_plan(run: Run, first_step: int) -> None:
+def _forget_metrics_after(path: Path, step: int) -> None:
+    """Drops metric records past the step a run resumes at (a killed run logged steps its
+    checkpoint does not have; they are logged again), and a last line cut off by the kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding='utf-8').splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get('step', 0) <= step and line.endswith('\n'):
+            kept.append(line)
+    text = ''.join(kept)
+    if text != path.read_text(encoding='utf-8'):
+        artifacts.atomic_write_text(path, text)
+
+
+def _log_plan(run: Run, start: checkpointing.Start) -> None:
     schedule = run.schedule
-    log.info('train: %d posts, %d steps per epoch, %d steps in all (%s), peak lr %.4g, '
+    log.info('train: %d posts, %d steps per epoch, %d steps in all, peak lr %.4g, '
              'mesh %s, %d parameters, heads %s',
              run.train_data.num_examples, schedule.steps_per_epoch, schedule.total_steps,
-             f'resuming at step {first_step}' if first_step else 'from scratch',
              schedule.peak_learning_rate, dict(run.mesh.shape),
              state_lib.param_count(run.state.params), run.meta['heads'])
+    log.info('train: %s', start.describe())
