@@ -45,6 +45,11 @@ def _parse_bool(key: str, value: str) -> bool:
     raise ValueError(f'config variant {key!r} wants a boolean, got {value!r}')
 
 
+def expand_workdir(value: str, workdir) -> str:
+    """A config path with '{workdir}' replaced by --workdir (other braces are left alone)."""
+    return value.replace('{workdir}', str(workdir))
+
+
 def demo_world_knobs() -> dict:
     """The demo world's generator knobs, straight from WorldSpec (its seed is config.seed)."""
     knobs = dataclasses.asdict(WorldSpec())

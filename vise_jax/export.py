@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vise_jax import artifacts
+from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError
 from vise_jax.interop import files as weight_files
 from vise_jax.interop import torchvision as tv
@@ -654,10 +655,6 @@ def write_torchvision(export: Export | str | os.PathLike,
 # ------------------------------------------------------------------------------ the stage
 
 
-def _expand(path: str, workdir: Path) -> str:
-    return path.replace('{workdir}', str(workdir))
-
-
 def written_by_process_zero(write: Callable[[], dict[str, Any]],
                             out: str | os.PathLike) -> dict[str, Any]:
     """Runs `write` (which writes the export at `out`) on process 0 only; every process
@@ -678,15 +675,15 @@ def export_from_config(config: ml_collections.ConfigDict,
     alone and replace a stale one (a later step, other weights). Returns export.json's content.
     In a multi-process run, process 0 writes it and the others wait for it."""
     workdir = Path(workdir)
-    source = _expand(config.export.source, workdir)
+    source = expand_workdir(config.export.source, workdir)
     if not source:
-        source = (_expand(config.train.checkpoint_dir, workdir)
+        source = (expand_workdir(config.train.checkpoint_dir, workdir)
                   or str(workdir / 'train' / 'checkpoints'))
         if not epath.Path(source).exists():
             raise InputError(f'{source}: no checkpoints to export; run the train stage first, '
                              f'or set --config.export.source to a checkpoint directory or a '
                              f'weights file')
-    out = Path(_expand(config.export.out, workdir) or workdir / 'export' / 'vise')
+    out = Path(expand_workdir(config.export.out, workdir) or workdir / 'export' / 'vise')
     step = None if config.export.step is None or config.export.step < 0 else config.export.step
     options = dict(overwrite=True, torchvision=bool(config.export.torch))
 

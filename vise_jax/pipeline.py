@@ -23,6 +23,7 @@ import ml_collections
 
 from vise_jax import artifacts, evaluate, experiment, export, posts, sharding, text
 from vise_jax.cluster import clustering, labels
+from vise_jax.configlib import expand_workdir
 from vise_jax.demo import world, writer
 from vise_jax.errors import InputError, TrainingError
 from vise_jax.train import loop as train_loop
@@ -39,7 +40,7 @@ def resolve_manifests(pattern: str, workdir: str | os.PathLike) -> list[Path]:
                          '(a JSONL file, a glob, or several separated by commas; '
                          'see docs/data_format.md)')
     paths = []
-    for entry in pattern.format(workdir=workdir).split(','):
+    for entry in expand_workdir(pattern, workdir).split(','):
         matches = sorted(glob.glob(entry.strip()))
         if not matches:
             raise InputError(f'config.posts.manifest: no file matches {entry.strip()!r}')
@@ -82,7 +83,7 @@ def ingest_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
         max_rejected_fraction=config.ingest.max_rejected_fraction,
         rows_per_shard=config.ingest.rows_per_shard,
         num_threads=config.ingest.num_threads,
-        image_root=config.posts.image_root.format(workdir=workdir))
+        image_root=expand_workdir(config.posts.image_root, workdir))
     # Only what changes the store is fingerprinted: more threads give the same bytes.
     store_options = dataclasses.asdict(options)
     del store_options['num_threads']
@@ -288,7 +289,7 @@ def linear_eval_stage(config: ml_collections.ConfigDict, workdir: Path) -> Recor
 
 def _dataset_identity(spec: str, workdir: Path) -> Any:
     """A downstream set's spec, with the identity of its CSV file when it is one."""
-    kind, _, rest = spec.format(workdir=workdir).partition(':')
+    kind, _, rest = expand_workdir(spec, workdir).partition(':')
     return [spec, artifacts.file_identity(rest) if kind == 'csv' and os.path.isfile(rest)
             else None]
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from vise_jax import artifacts
 from vise_jax.cluster import kmeans, labels, report
+from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError
 from vise_jax.posts import PostsStore
 from vise_jax.text import EmbeddingShards
@@ -41,7 +42,7 @@ class ClusterSettings:
         c = config.cluster
         return cls(tuple(c.comment_ks), tuple(c.reaction_ks), c.fit_sample, c.init, c.max_iters,
                    c.tol, c.reaction_log_total, c.nearest_per_cluster,
-                   c.latents.format(workdir=workdir), config.seed)
+                   expand_workdir(c.latents, workdir), config.seed)
 
     def kmeans_options(self, k: int, metric: str) -> kmeans.KMeansOptions:
         return kmeans.KMeansOptions(k=k, metric=metric, max_iters=self.max_iters, tol=self.tol,

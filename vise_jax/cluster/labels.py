@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from vise_jax import artifacts
+from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError
 
 COMMENTS = 'comments'
@@ -206,7 +207,7 @@ class LabelStore:
 
 def parse_class_spec(spec: str, workdir: str | os.PathLike) -> tuple[Path, str]:
     """'CSV:COLUMN' ('{workdir}' substituted) -> (csv path, column)."""
-    path, sep, column = spec.format(workdir=workdir).rpartition(':')
+    path, sep, column = expand_workdir(spec, workdir).rpartition(':')
     if not sep or not path or not column:
         raise InputError(f"config.experiment.supervised_labels must be 'CSV:COLUMN', got {spec!r}")
     return Path(path), column

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vise_jax import input as input_lib
+from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError
 from vise_jax.input.sources import MULTI_LABEL
 
@@ -53,7 +54,7 @@ def load_dataset(spec: str, workdir: str | os.PathLike | None = None,
         raise InputError(f"{key} is empty: set it to 'csv:PATH', 'folder:ROOT' or "
                          "'tfds:NAME:SPLIT'")
     if workdir is not None:
-        spec = spec.replace('{workdir}', str(workdir))
+        spec = expand_workdir(spec, workdir)
     kind, _, rest = spec.partition(':')
     if kind not in KINDS or not rest:
         raise InputError(f"{key}={spec!r}: unknown dataset spec; use 'csv:PATH', "

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from vise_jax import export as export_lib
 from vise_jax import sharding
+from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError
 from vise_jax.evaluate import datasets, features, probe, report
 
@@ -51,7 +52,7 @@ def resolve_exports(spec: str, workdir: str | os.PathLike) -> dict[str, Path]:
         name, has_name, path = entry.partition('=')
         if not has_name:
             name, path = '', entry
-        path = Path(path.replace('{workdir}', str(workdir)))
+        path = Path(expand_workdir(path, workdir))
         name = name.strip() or path.name
         if name in exports:
             raise InputError(f'config.eval.exports names {name!r} twice')

@@ -58,6 +58,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from vise_jax.cluster import labels as labels_lib
+from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError
 from vise_jax.input import sources, targets, transforms
 from vise_jax.input.bad_images import MISSING_FILE, OK
@@ -326,7 +327,7 @@ def _pretrain_images(config: ml_collections.ConfigDict,
         from vise_jax.pipeline import resolve_manifests
 
         manifests = resolve_manifests(config.posts.manifest, workdir)
-        return sources.manifest_posts(manifests, config.posts.image_root.format(workdir=workdir),
+        return sources.manifest_posts(manifests, expand_workdir(config.posts.image_root, workdir),
                                       tuple(config.posts.reaction_types))
     raise InputError(f"input.pretrain_images must be '{STORE_IMAGES}' or '{MANIFEST_IMAGES}', "
                      f'got {kind!r}')

@@ -34,6 +34,7 @@ import tqdm
 
 from vise_jax import artifacts, models, sharding
 from vise_jax import input as input_lib
+from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError, TrainingError
 from vise_jax.train import checkpointing, optim, plots
 from vise_jax.train import state as state_lib
@@ -210,13 +211,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         iterator = run.train_data.iterator()
         cleanup.callback(_close, iterator)
         manager = checkpointing.make_manager(
-            _expand(config.train.checkpoint_dir, workdir) or out / 'checkpoints',
+            expand_workdir(config.train.checkpoint_dir, workdir) or out / 'checkpoints',
             every_steps=config.train.checkpoint_every_steps,
             keep=config.train.keep_checkpoints, keep_every_steps=config.train.keep_every_steps)
         cleanup.callback(manager.close)
         state, tally = _train_steps(run, out, iterator, manager,
-                                    resume=_expand(config.train.resume, workdir),
-                                    init=_expand(config.train.init, workdir))
+                                    resume=expand_workdir(config.train.resume, workdir),
+                                    init=expand_workdir(config.train.init, workdir))
     if primary:
         log.info('train: curves in %s', plots.plot_curves(out / 'metrics.jsonl',
                                                           out / 'curves.png', list(run.weights)))
@@ -293,11 +294,6 @@ def _train_steps(run: Run, out: Path, iterator: Any, manager: Any, *, resume: st
                             'command to continue', done, total)
                 break
     return state, tally
-
-
-def _expand(path: str, workdir: Path) -> str:
-    """config.train.checkpoint_dir / resume / init with '{workdir}' replaced."""
-    return path.replace('{workdir}', str(workdir))
 
 
 def _checked(step: int, metrics: Any, weights: Mapping[str, float]) -> dict[str, float]:
