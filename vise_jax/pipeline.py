@@ -31,6 +31,7 @@ from vise_jax.train import loop as train_loop
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
+EXPERIMENT_REPORT = 'report.md'
 
 
 def resolve_manifests(pattern: str, workdir: str | os.PathLike) -> list[Path]:
@@ -281,10 +282,14 @@ def linear_eval_stage(config: ml_collections.ConfigDict, workdir: Path) -> Recor
         results = evaluate.linear_eval(config, workdir, exports, stage.path)
         if jax.process_index() == 0:
             if config.experiment.baselines:
-                log.info('experiment: report in %s', experiment_report(results, workdir))
+                experiment_report(results, workdir)
             stage.finish(config.to_dict(), {'results': results['results']})
 
-    return _run_or_skip(stage, build)
+    record = _run_or_skip(stage, build)
+    report = workdir / EXPERIMENT_REPORT
+    if config.experiment.baselines and report.exists():   # the last line a run shows
+        log.info('experiment: the report is %s', report)
+    return record
 
 
 def _dataset_identity(spec: str, workdir: Path) -> Any:
@@ -308,7 +313,7 @@ def experiment_report(results: Record, workdir: Path) -> Path:
                          'eval/results.json (everything).',
     }
     return experiment.write_report(
-        workdir / 'report.md', found=experiment.claims(scores, kinds), metric_of=headline,
+        workdir / EXPERIMENT_REPORT, found=experiment.claims(scores, kinds), metric_of=headline,
         results_table=evaluate.report.markdown_table(results), chart='eval/results.png',
         sections=sections)
 
