@@ -83,6 +83,12 @@ def test_command_line_runs_every_stage_on_the_tiny_world(tmp_path):
     assert again.stderr.count('train: up to date') == 2
     assert again.stderr.count('export: up to date') == 3 and 'export: wrote' not in again.stderr
 
+    # A mistyped downstream set fails before the finished evaluation is thrown away.
+    bad = run_launch('pipeline.py', f'--config=configs/demo.py:{TINY}', f'--workdir={tmp_path}',
+                     '--config.eval.test=csv:{workdir}/world/downstream/tset.csv')
+    assert bad.returncode == 2 and 'tset.csv' in bad.stderr and 'Traceback' not in bad.stderr
+    assert json.loads((tmp_path / 'eval' / 'results.json').read_text()) == results
+
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     for name, seed in (('a', 0), ('b', 0), ('c', 1)):

@@ -46,6 +46,13 @@ def file_identity(path: str | os.PathLike) -> dict[str, Any]:
     return {'path': str(Path(path).resolve()), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
 
 
+def _new_file_mode() -> int:
+    """What open() gives a new file under the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path next to `path`; renames it into place if the block succeeds."""
@@ -56,6 +63,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _new_file_mode())   # mkstemp's 0600 would make outputs private
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

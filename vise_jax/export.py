@@ -50,6 +50,7 @@ from vise_jax.interop import files as weight_files
 from vise_jax.interop import torchvision as tv
 from vise_jax.models import IMAGENET_MEAN, IMAGENET_STD, ResNet, create_resnet
 from vise_jax.models.resnet import STEM_WIDTH
+from vise_jax.train import checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def save_variables(path: Path, variables: Variables) -> None:
 
 
 def write_meta_file(directory: Path, meta: Mapping[str, Any]) -> None:
-    with weight_files.atomic_file(directory / META_FILE) as tmp:
+    with artifacts.atomic_path(directory / META_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + '\n', encoding='utf-8')
 
 
@@ -413,21 +414,12 @@ def _resolve_checkpoint_dir(checkpoint_dir: str | os.PathLike,
                             step: int | None) -> tuple[epath.Path, int | None]:
     """(manager directory, step) for a run directory ({workdir}/train), a checkpoint directory,
     or one step's directory."""
-    path = epath.Path(checkpoint_dir)
-    if '://' not in str(checkpoint_dir):
-        path = path.absolute()   # Orbax refuses relative paths
-    if not path.exists():
-        raise InputError(f'{checkpoint_dir}: no such checkpoint directory')
-    if not path.is_dir():
+    if epath.Path(checkpoint_dir).is_file():
         raise InputError(f'{checkpoint_dir} is a file, not a checkpoint directory')
-    if (path / 'checkpoints').is_dir() and not (path / 'state').is_dir():
-        path = path / 'checkpoints'
-    if (path / 'state').is_dir() and path.name.isdigit():
-        named = int(path.name)
-        if step is not None and step != named:
-            raise InputError(f'{checkpoint_dir} is step {named}, but step {step} was asked for')
-        return path.parent, named
-    return path, step
+    directory, named = checkpointing.locate_checkpoint(checkpoint_dir, 'checkpoint')
+    if named is not None and step is not None and step != named:
+        raise InputError(f'{checkpoint_dir} is step {named}, but step {step} was asked for')
+    return directory, step if named is None else named
 
 
 def read_checkpoint(checkpoint_dir: str | os.PathLike,
@@ -636,9 +628,10 @@ def write_torchvision_layout(variables: Variables, meta: Mapping[str, Any],
     else:
         log.info('export: torch is not installed, so no .pth (%s)', weight_files.TORCH_HINT)
     if meta['width'] != STEM_WIDTH:
-        log.warning('export: width %d is not torchvision\'s %d: the state_dict has torchvision\'s '
-                    'keys, but torchvision.models.%s cannot build a model to load it',
-                    meta['width'], STEM_WIDTH, meta['architecture'])
+        # Not a problem to fix (toy widths are deliberate), so not a warning.
+        log.info("export: width %d is not torchvision's %d: the state_dict has torchvision's "
+                 'keys, but torchvision.models.%s cannot build a model to load it',
+                 meta['width'], STEM_WIDTH, meta['architecture'])
     return written
 
 

@@ -278,6 +278,10 @@ def linear_eval_stage(config: ml_collections.ConfigDict, workdir: Path) -> Recor
         'experiment': config.experiment.to_dict()})
 
     def build():
+        # A bad dataset spec must fail before the previous results (and feature cache) go.
+        for spec, key in ((config.eval.train, 'config.eval.train'),
+                          (config.eval.test, 'config.eval.test')):
+            evaluate.load_dataset(spec, workdir, key)
         stage.prepare()
         results = evaluate.linear_eval(config, workdir, exports, stage.path)
         if jax.process_index() == 0:

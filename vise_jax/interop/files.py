@@ -7,16 +7,15 @@ renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vise_jax import artifacts
 from vise_jax.errors import InputError
 
 SAFETENSORS_SUFFIXES = ('.safetensors',)
@@ -106,35 +105,13 @@ def as_float32(value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _file_mode() -> int:
-    """What open() would give a new file under the process umask (mkstemp gives 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed onto it if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> Path:
     from safetensors.numpy import save_file
 
     path = Path(path)
     arrays = {key: np.asarray(value, order='C') for key, value in state_dict.items()}
-    with atomic_file(path) as tmp:
+    with artifacts.atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata=dict(metadata or {}))
     return path
 
@@ -150,6 +127,6 @@ def write_pth(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> 
     path = Path(path)
     tensors = collections.OrderedDict(
         (key, torch.from_numpy(np.array(value, copy=True))) for key, value in state_dict.items())
-    with atomic_file(path) as tmp:
+    with artifacts.atomic_path(path) as tmp:
         torch.save(tensors, tmp)
     return path
