@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vise_jax import experiment
+from vise_jax import configlib, experiment, pipeline
 from vise_jax.cluster import labels
 from vise_jax.errors import InputError
 
@@ -78,3 +78,12 @@ def test_class_labels_refuse_missing_rows_columns_and_single_classes(tmp_path):
         labels.parse_class_spec('latents.csv', tmp_path)
     assert labels.parse_class_spec('{workdir}/l.csv:object', tmp_path) == (tmp_path / 'l.csv',
                                                                            'object')
+
+
+def test_unknown_baselines_are_refused_before_any_work(tmp_path):
+    config = configlib.default_config()
+    config.experiment.baselines = ('random,imagenet',)   # as --config...=random,imagenet gives
+    with pytest.raises(InputError, match=r"unknown \['imagenet'\]; known: \('supervised', "
+                                         r"'random'\)"):
+        pipeline.baselines_stage(config, tmp_path)
+    assert not any(tmp_path.iterdir())

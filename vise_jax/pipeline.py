@@ -234,11 +234,14 @@ def baselines_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
     Exports land beside VisE's in {workdir}/export, so the linear probes compare all of them.
     """
     known = (experiment.SUPERVISED, experiment.RANDOM)
-    unknown = set(config.experiment.baselines) - set(known)
+    # A tuple in the config; 'supervised,random' from the command line arrives as one item.
+    names = [name.strip() for item in config.experiment.baselines for name in item.split(',')
+             if name.strip()]
+    unknown = set(names) - set(known)
     if unknown:
         raise InputError(f'config.experiment.baselines: unknown {sorted(unknown)}; known: {known}')
     records = {}
-    for name in config.experiment.baselines:
+    for name in names:
         out = workdir / 'export' / name
         if name == experiment.SUPERVISED:
             checkpoints = _supervised_baseline(config, workdir) / 'checkpoints'
