@@ -312,10 +312,13 @@ def experiment_report(results: Record, workdir: Path) -> Path:
     scores = {name: {task: by_task[task]['metrics'][headline[task]] for task in by_task}
               for name, by_task in results['results'].items()}
     kinds = {task: info.get('kind') for task, info in results['tasks'].items()}
+    training = 'VisE: [curves](train/curves.png), metrics in train/metrics.jsonl.'
+    supervised_curves = Path('baselines') / experiment.SUPERVISED / 'train' / 'curves.png'
+    if (workdir / supervised_curves).exists():
+        training += f' Supervised baseline: [curves]({supervised_curves.as_posix()}).'
     sections = {
         'Pseudo labels': '[cluster report](labels/report/report.md)',
-        'Training': ('VisE: [curves](train/curves.png), metrics in train/metrics.jsonl. '
-                     'Supervised baseline: [curves](baselines/supervised/train/curves.png).'),
+        'Training': training,
         'Probe details': '[eval/results.md](eval/results.md) (chosen C, validation scores), '
                          'eval/results.json (everything).',
     }
