@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vise_jax import distributed, pipeline
+from vise_jax import input as input_lib
 from vise_jax.errors import InputError, TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,5 +51,7 @@ def run_stages(stages: Sequence[str]) -> None:
         except (InputError, TrainingError) as e:
             print(f'error: {e}', file=sys.stderr)
             sys.exit(2)
+        finally:
+            input_lib.release_shared_memory()
 
     app.run(main)

@@ -8,12 +8,15 @@ batch row's colour names the post it came from and can be checked against 'index
 import collections
 import io
 import json
+import os
+import time
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from grain.python import SharedMemoryArray
 from PIL import Image
 
 from vise_jax import artifacts, configlib, posts, sharding
@@ -405,3 +408,26 @@ def test_flags_are_marked_parsed_for_grain_workers():
     input_lib.ensure_flags_parsed()
     assert flags.FLAGS.is_parsed()
     assert grain.config.get_or_default('py_debug_mode') is False
+
+
+def test_release_shared_memory_waits_for_grains_queued_unlinks(monkeypatch):
+    """At exit, unlinks still queued on Grain's deletion thread would be left to the resource
+    tracker (its 'leaked shared_memory' warning); release_shared_memory finishes them."""
+    slow_close = SharedMemoryArray.close_shm_async.__func__
+
+    def slower(cls, shm, unlink):      # a deletion thread that is still busy at exit
+        time.sleep(0.3)
+        slow_close(cls, shm, unlink)
+
+    monkeypatch.setattr(SharedMemoryArray, 'close_shm_async', classmethod(slower))
+    monkeypatch.setattr(SharedMemoryArray, '_del_thread_pool', None)
+    SharedMemoryArray.enable_async_del(1)
+    array = SharedMemoryArray((1024,), np.uint8)
+    array.unlink_on_del()
+    segment = f'/dev/shm/{array.shm.name}'
+    assert os.path.exists(segment)
+    del array                           # queued on the deletion thread, not yet unlinked
+    assert os.path.exists(segment)
+    input_lib.release_shared_memory()
+    assert not os.path.exists(segment)
+    assert SharedMemoryArray._del_thread_pool is None   # later deletions run inline

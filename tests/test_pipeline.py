@@ -83,6 +83,15 @@ def test_command_line_runs_every_stage_on_the_tiny_world(tmp_path):
     assert again.stderr.count('train: up to date') == 2
     assert again.stderr.count('export: up to date') == 3 and 'export: wrote' not in again.stderr
 
+    # Evaluated again with worker processes: the same features, so the same probes.
+    workers = run_launch('linear_eval.py', f'--config=configs/demo.py:{TINY}',
+                         f'--workdir={tmp_path}', '--config.input.num_workers=2',
+                         '--config.eval.batch_size=16')
+    assert workers.returncode == 0, workers.stderr
+    assert json.loads((tmp_path / 'eval' / 'results.json').read_text())['results'] == \
+        results['results']
+    results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+
     # A mistyped downstream set fails before the finished evaluation is thrown away.
     bad = run_launch('pipeline.py', f'--config=configs/demo.py:{TINY}', f'--workdir={tmp_path}',
                      '--config.eval.test=csv:{workdir}/world/downstream/tset.csv')

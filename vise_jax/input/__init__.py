@@ -40,6 +40,7 @@ from vise_jax.input.pipeline import (
     iterator_restore_args,
     iterator_save_args,
     pretrain_data,
+    release_shared_memory,
 )
 from vise_jax.input.sources import (
     LabelledImages,
@@ -56,5 +57,5 @@ __all__ = [
     'LabelledImages', 'PretrainData', 'Task', 'csv_manifest', 'downstream_data',
     'ensure_flags_parsed', 'eval_membership', 'global_batch', 'image_folder',
     'iterator_restore_args', 'iterator_save_args', 'local_batch_size', 'pretrain_data',
-    'tfds_images',
+    'release_shared_memory', 'tfds_images',
 ]

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import math
 import os
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import grain.python
 import jax
 import ml_collections
 import numpy as np
@@ -184,6 +186,24 @@ def ensure_flags_parsed() -> None:
     """
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def release_shared_memory() -> None:
+    """Frees what is left of the workers' shared-memory batches before the process exits.
+
+    Grain unlinks a batch's segment when its array is deleted, on a background thread: at exit,
+    unlinks still queued there (and arrays no one collected) are left to the resource tracker,
+    which cleans them but prints a 'leaked shared_memory' warning. Collect, then let that thread
+    finish; deletion is synchronous afterwards. (Grain has no public call for this.)
+    """
+    gc.collect()
+    array_class = grain.python.SharedMemoryArray
+    pool = getattr(array_class, '_del_thread_pool', None)
+    if pool is None:
+        return
+    array_class._del_thread_pool = None   # later deletions run inline
+    pool.close()
+    pool.join()
 
 
 @dataclasses.dataclass(frozen=True)
