@@ -76,6 +76,9 @@ def test_class_labels_refuse_missing_rows_columns_and_single_classes(tmp_path):
         labels.write_class_labels(tmp_path / 'c', csv, 'object', ['p0', 'p1'])
     with pytest.raises(InputError, match="must be 'CSV:COLUMN'"):
         labels.parse_class_spec('latents.csv', tmp_path)
+    with pytest.raises(InputError, match=r'l.csv: no such file \(config.experiment.supervised_l'):
+        labels.parse_class_spec('{workdir}/l.csv:object', tmp_path)
+    (tmp_path / 'l.csv').write_text('id,object\n')
     assert labels.parse_class_spec('{workdir}/l.csv:object', tmp_path) == (tmp_path / 'l.csv',
                                                                            'object')
 

@@ -206,8 +206,6 @@ def supervised_labels_stage(config: ml_collections.ConfigDict, workdir: Path,
     """Known classes per post (config.experiment.supervised_labels) as a one-head label store."""
     posts_record = _finished_record(workdir / 'posts', 'ingest')
     csv_path, column = labels.parse_class_spec(config.experiment.supervised_labels, workdir)
-    if not csv_path.exists():
-        raise InputError(f'{csv_path}: no such file (config.experiment.supervised_labels)')
     stage = artifacts.StageDir(out, 'supervised_labels', {
         'version': labels.LABELS_VERSION, 'posts': posts_record['fingerprint'],
         'csv': artifacts.file_identity(csv_path), 'column': column})

@@ -206,26 +206,24 @@ class LabelStore:
 
 
 def parse_class_spec(spec: str, workdir: str | os.PathLike) -> tuple[Path, str]:
-    """'CSV:COLUMN' ('{workdir}' substituted) -> (csv path, column)."""
+    """'CSV:COLUMN' ('{workdir}' substituted) -> (csv path, column); the CSV must exist."""
     path, sep, column = expand_workdir(spec, workdir).rpartition(':')
     if not sep or not path or not column:
         raise InputError(f"config.experiment.supervised_labels must be 'CSV:COLUMN', got {spec!r}")
+    if not Path(path).is_file():
+        raise InputError(f'{path}: no such file (config.experiment.supervised_labels)')
     return Path(path), column
 
 
 def write_class_labels(out: Path, csv_path: Path, column: str,
                        post_ids: Sequence[str]) -> dict[str, Any]:
     """A label store with one class head from `column` of a CSV keyed by 'id' (rows of posts)."""
-    try:
-        with open(csv_path, newline='', encoding='utf-8') as f:
-            reader = csv.DictReader(f)
-            if 'id' not in (reader.fieldnames or []) or column not in reader.fieldnames:
-                raise InputError(f'{csv_path}: needs columns id and {column!r}, '
-                                 f'has {reader.fieldnames}')
-            classes_of = {row['id']: row[column].strip() for row in reader}
-    except FileNotFoundError:
-        raise InputError(f'{csv_path}: no such file '
-                         '(config.experiment.supervised_labels)') from None
+    with open(csv_path, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f)
+        if 'id' not in (reader.fieldnames or []) or column not in reader.fieldnames:
+            raise InputError(f'{csv_path}: needs columns id and {column!r}, '
+                             f'has {reader.fieldnames}')
+        classes_of = {row['id']: row[column].strip() for row in reader}
     head, classes = class_head(column, post_ids, classes_of, str(csv_path))
     save_head(out, head)
     info = {'kind': head.kind, 'k': head.k, 'classes': classes, 'source': f'{csv_path}:{column}'}

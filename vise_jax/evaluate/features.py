@@ -41,6 +41,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from vise_jax import artifacts, sharding
+from vise_jax import export as export_lib
 from vise_jax import input as input_lib
 from vise_jax.errors import InputError
 from vise_jax.input.bad_images import BAD_IMAGE_REASONS, OK
@@ -95,26 +96,10 @@ class Features:
 # --- fingerprints --------------------------------------------------------------------------
 
 
-def variables_digest(variables: Mapping[str, Any]) -> str:
-    """A hash of every variable's path, dtype, shape and bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(variables)[0],
-                             key=lambda item: jax.tree_util.keystr(item[0])):
-        array = _host_array(leaf)
-        digest.update(f'{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|'.encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-def _host_array(leaf: Any) -> np.ndarray:
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        leaf = leaf.addressable_data(0)  # replicated across processes: every copy is whole
-    return np.asarray(jax.device_get(leaf))
-
-
 def export_fingerprint(export: ExportLike) -> str:
     meta = {k: v for k, v in dict(export.meta).items() if k not in VOLATILE_META}
-    return artifacts.fingerprint({'meta': meta, 'variables': variables_digest(export.variables)})
+    return artifacts.fingerprint({'meta': meta,
+                                  'variables': export_lib.variables_sha256(export.variables)})
 
 
 def images_digest(labelled: input_lib.LabelledImages) -> str:

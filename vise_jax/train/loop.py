@@ -313,8 +313,9 @@ def _forget_metrics_after(path: Path, step: int) -> None:
     checkpoint does not have; they are logged again), and a last line cut off by the kill."""
     if not path.exists():
         return
+    original = path.read_text(encoding='utf-8')
     kept = []
-    for line in path.read_text(encoding='utf-8').splitlines(keepends=True):
+    for line in original.splitlines(keepends=True):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -322,7 +323,7 @@ def _forget_metrics_after(path: Path, step: int) -> None:
         if record.get('step', 0) <= step and line.endswith('\n'):
             kept.append(line)
     text = ''.join(kept)
-    if text != path.read_text(encoding='utf-8'):
+    if text != original:
         artifacts.atomic_write_text(path, text)
 
 
