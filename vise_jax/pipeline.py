@@ -113,7 +113,7 @@ def _finished_record(path: Path, producer: str) -> Record:
 
 def _make_encoder(embed: ml_collections.ConfigDict, store: posts.PostsStore, out: Path):
     if embed.encoder == 'minilm':
-        return text.load_minilm(embed.model_dir or None)
+        return text.load_minilm(embed.model_dir or None, matmul_dtype=embed.matmul_dtype)
     if embed.encoder == 'sentencepiece':
         # Trained once on the comments and kept beside the shards, so a resumed run reuses it.
         saved = out / 'sentencepiece.npz'

@@ -62,8 +62,11 @@ def put_rows(local_rows: np.ndarray, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
     local_devices = len(mesh.local_devices)
     largest = int(gather_over_processes(np.array(local_rows.shape[0])).max())
     per_process = max(1, -(-largest // local_devices)) * local_devices
-    padded = np.zeros((per_process, *local_rows.shape[1:]), local_rows.dtype)
-    padded[:local_rows.shape[0]] = local_rows
+    if local_rows.shape[0] == per_process:   # nothing to pad: spare a copy of the rows
+        padded = local_rows
+    else:
+        padded = np.zeros((per_process, *local_rows.shape[1:]), local_rows.dtype)
+        padded[:local_rows.shape[0]] = local_rows
     weights = np.zeros(per_process, np.float32)
     weights[:local_rows.shape[0]] = 1.0
     sharding = row_sharding(mesh)

@@ -36,17 +36,19 @@ class ClusterSettings:
     nearest_per_cluster: int
     latents: str   # '' or a CSV with an 'id' column and one column per known factor
     seed: int
+    matmul_precision: str = kmeans.FLOAT32
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, workdir: Path) -> ClusterSettings:
         c = config.cluster
         return cls(tuple(c.comment_ks), tuple(c.reaction_ks), c.fit_sample, c.init, c.max_iters,
                    c.tol, c.reaction_log_total, c.nearest_per_cluster,
-                   expand_workdir(c.latents, workdir), config.seed)
+                   expand_workdir(c.latents, workdir), config.seed, c.matmul_precision)
 
     def kmeans_options(self, k: int, metric: str) -> kmeans.KMeansOptions:
         return kmeans.KMeansOptions(k=k, metric=metric, max_iters=self.max_iters, tol=self.tol,
-                                    init=self.init, seed=self.seed)
+                                    init=self.init, seed=self.seed,
+                                    matmul_precision=self.matmul_precision)
 
 
 def make_labels(store: PostsStore, shards: EmbeddingShards, out: Path,
@@ -117,7 +119,8 @@ def _comment_head(k, metas, shards, rows: _CommentRows, settings, latents, mesh)
     result = _fit(name, shards.sample(settings.fit_sample, seed=settings.seed),
                   settings.kmeans_options(k, 'cosine'), mesh)
     ids, distances = kmeans.assign((embeddings for embeddings, _, _ in shards), result.centroids,
-                                   metric='cosine', mesh=mesh)
+                                   metric='cosine', mesh=mesh,
+                                   matmul_precision=settings.matmul_precision)
     post_index, comment_number = rows
     head = labels.comment_head(k, len(metas), post_index, ids)
     nearest = [[metas[post_index[j]].comments[comment_number[j]] for j in members]
@@ -134,7 +137,8 @@ def _reaction_head(k, rows: _ReactionRows, num_types: int, settings, latents, me
     name = labels.head_name(labels.REACTIONS, k)
     features, has_signal = rows
     result = _fit(name, features, settings.kmeans_options(k, 'euclidean'), mesh)
-    ids, _ = kmeans.assign(features, result.centroids, mesh=mesh)
+    ids, _ = kmeans.assign(features, result.centroids, mesh=mesh,
+                           matmul_precision=settings.matmul_precision)
     sizes = np.bincount(ids, minlength=k)
     profiles = np.zeros((k, num_types), np.float32)
     np.add.at(profiles, ids, features[:, :num_types])
