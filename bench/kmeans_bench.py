@@ -274,9 +274,8 @@ def main() -> None:
     rows, start = make_data(args.n, args.d, args.k)
     mesh = sharding.make_mesh()
     # 'auto' and an explicit value may be the same thing on this machine: time it once.
-    precisions = dict.fromkeys(
-        kmeans.BFLOAT16_3X if kmeans._splits_products(name, mesh) else kmeans.FLOAT32
-        for name in args.precisions.split(','))
+    precisions = dict.fromkeys(kmeans.resolve_matmul_precision(name, mesh)
+                               for name in args.precisions.split(','))
     contenders = [ours(rows, start, args.iters, args.chunk_rows, final_assignment, precision)
                   for precision in precisions for final_assignment in (True, False)]
     if not args.skip_peers:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from vise_jax import sharding
+from vise_jax import precision, sharding
 from vise_jax.cluster import kmeans
 from vise_jax.errors import InputError
 
@@ -127,6 +127,15 @@ def test_split_products_shard_and_stream_like_float32(matmul_precision):
     mini = kmeans.fit_minibatch(np.array_split(x, 4), options(
         9, seed=7, matmul_precision=matmul_precision), epochs=2)
     assert mini.counts.sum() == 1001
+
+
+def test_auto_precision_is_bfloat16_3x_only_where_bfloat16_runs_in_hardware(monkeypatch):
+    mesh = one_device_mesh()
+    monkeypatch.setattr(precision, 'cpu_flags', lambda: frozenset({'avx512f', 'amx_bf16'}))
+    assert kmeans.resolve_matmul_precision('auto', mesh) == 'bfloat16_3x'
+    monkeypatch.setattr(precision, 'cpu_flags', lambda: frozenset({'avx2', 'fma'}))
+    assert kmeans.resolve_matmul_precision('auto', mesh) == 'float32'
+    assert kmeans.resolve_matmul_precision('bfloat16_3x', mesh) == 'bfloat16_3x'
 
 
 def test_same_seed_same_result_and_seeds_differ():

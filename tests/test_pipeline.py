@@ -8,7 +8,7 @@ import pytest
 from conftest import load_config, run_launch
 
 from vise_jax import artifacts, pipeline, posts
-from vise_jax.cluster import clustering, labels
+from vise_jax.cluster import clustering, kmeans, labels
 from vise_jax.demo import writer
 
 TINY = 'size=tiny'
@@ -47,6 +47,9 @@ def test_command_line_runs_every_stage_on_the_tiny_world(tmp_path):
     label_store = labels.LabelStore(tmp_path / 'labels')
     label_store.check_aligned(p.id for p in store.iter_meta())
     assert label_store.head_names == ['comments_k4', 'comments_k8', 'reactions_k3']
+    # 'auto' is recorded as what it meant on this machine.
+    assert {info['matmul_precision'] for info in label_store.index['heads'].values()} == {
+        kmeans.resolve_matmul_precision('auto')}
     comments = label_store.head('comments_k4')
     assert comments.num_posts == 48 and comments.ids.max() < 4
     # A post's labels are as many as its non-empty comments.

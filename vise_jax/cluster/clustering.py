@@ -72,7 +72,9 @@ def make_labels(store: PostsStore, shards: EmbeddingShards, out: Path,
         if not _head_record(out, name).exists():
             head, summary, centroids = make_head()
             info = {'kind': head.kind, 'k': head.k,
-                    'centroid_hash': labels.array_digest(centroids)}
+                    'centroid_hash': labels.array_digest(centroids),
+                    'matmul_precision': kmeans.resolve_matmul_precision(
+                        settings.matmul_precision, mesh)}
             info.update({'encoder': shards.encoder} if head.kind == labels.COMMENTS
                         else {'log_total': settings.reaction_log_total})
             _save(out, head, centroids)

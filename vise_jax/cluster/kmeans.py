@@ -408,11 +408,18 @@ def _check_matmul_precision(value: str, what: str) -> None:
                          f'got {value!r}')
 
 
+def resolve_matmul_precision(matmul_precision: str, mesh: Mesh | None = None) -> str:
+    """'float32' or 'bfloat16_3x': what `matmul_precision` means on this mesh's devices
+    (default: JAX's default backend)."""
+    _check_matmul_precision(matmul_precision, 'k-means')
+    if matmul_precision != 'auto':
+        return matmul_precision
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return BFLOAT16_3X if precision.native_bfloat16_products(platform) else FLOAT32
+
+
 def _splits_products(matmul_precision: str, mesh: Mesh) -> bool:
-    """Whether the products run as bfloat16_3x on this mesh ('auto' resolved)."""
-    if matmul_precision == 'auto':
-        return precision.native_bfloat16_products(mesh.devices.flat[0].platform)
-    return matmul_precision == BFLOAT16_3X
+    return resolve_matmul_precision(matmul_precision, mesh) == BFLOAT16_3X
 
 
 class _PassRows(NamedTuple):
