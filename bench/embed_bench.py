@@ -125,6 +125,27 @@ def bench_sentencepiece(sentences, args):
     return seconds, train_seconds
 
 
+def report_peers(n: int, best: dict, results: dict, encoders: dict, args) -> None:
+    peer_batch = args.peer_default_batch_size
+    for name, label in (('peer float32', f'batch size {args.batch_size}'),
+                        ('peer float32 default', f'its default batch size {peer_batch}'),
+                        ('peer bfloat16 default', f'batch size {peer_batch}, torch.autocast')):
+        print(f'{"sentence-transformers " + name.split()[1] + ":":31s}{n / best[name]:8.1f} '
+              f'sentences/s  ({best[name]:.2f}s, {label})')
+    reference = results['peer float32']
+    for name in [*encoders, 'peer bfloat16 default']:
+        cosine = (results[name] * reference).sum(1)
+        print(f'min cosine to sentence-transformers float32, {name}: {cosine.min():.6f}')
+    fastest_peer = min(best['peer float32'], best['peer float32 default'])
+    for name in encoders:
+        print(f'ratio {name} / sentence-transformers float32: '
+              f'{best["peer float32"] / best[name]:.2f}x at the same batch size, '
+              f'{fastest_peer / best[name]:.2f}x against its faster batch size')
+    if 'flax bfloat16' in encoders:
+        print(f'ratio flax bfloat16 / sentence-transformers bfloat16 (autocast): '
+              f'{best["peer bfloat16 default"] / best["flax bfloat16"]:.2f}x')
+
+
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     configure_threads(args.threads, args.devices)
@@ -171,26 +192,8 @@ def main(argv=None) -> None:
         compile_seconds = max(0.0, first_seconds[name] - best[name])
         print(f'{name + ":":31s}{n / best[name]:8.1f} sentences/s  ({best[name]:.2f}s; compile, '
               f'first call only: {compile_seconds:.1f}s for {encoder.compiled_shapes()} shapes)')
-    if args.skip_peer:
-        return
-    peer_batch = args.peer_default_batch_size
-    for name, label in (('peer float32', f'batch size {args.batch_size}'),
-                        ('peer float32 default', f'its default batch size {peer_batch}'),
-                        ('peer bfloat16 default', f'batch size {peer_batch}, torch.autocast')):
-        print(f'{"sentence-transformers " + name.split()[1] + ":":31s}{n / best[name]:8.1f} '
-              f'sentences/s  ({best[name]:.2f}s, {label})')
-    reference = results['peer float32']
-    for name in [*encoders, 'peer bfloat16 default']:
-        cosine = (results[name] * reference).sum(1)
-        print(f'min cosine to sentence-transformers float32, {name}: {cosine.min():.6f}')
-    fastest_peer = min(best[name] for name in runs if name.startswith('peer float32'))
-    for name in encoders:
-        print(f'ratio {name} / sentence-transformers float32: '
-              f'{best["peer float32"] / best[name]:.2f}x at the same batch size, '
-              f'{fastest_peer / best[name]:.2f}x against its faster batch size')
-    if 'flax bfloat16' in encoders:
-        print(f'ratio flax bfloat16 / sentence-transformers bfloat16 (autocast): '
-              f'{best["peer bfloat16 default"] / best["flax bfloat16"]:.2f}x')
+    if not args.skip_peer:
+        report_peers(n, best, results, encoders, args)
     sp_seconds, sp_train = bench_sentencepiece(sentences, args)
     print(f'sentencepiece-tfidf:    {n / sp_seconds:8.1f} sentences/s  '
           f'(training on these sentences: {sp_train:.2f}s)')
