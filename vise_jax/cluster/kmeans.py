@@ -30,9 +30,9 @@ How the work is split, and why:
 
 Inputs may be float16 (stored embeddings); all arithmetic is float32, except that with
 matmul_precision='bfloat16_3x' the rows x centroids products are three bfloat16 products summed
-in float32 (each side split as high + low; ~1e-5 of |x||c| against float32's ~1e-7). Where
-bfloat16 is multiplied in hardware (AMX CPUs, GPUs, TPUs) that pass is ~1.3x faster on CPU, and
-the fits in bench/kmeans_bench.py end with the same assignments as scikit-learn's either way.
+in float32 (each side split as high + low; ~1e-5 of |x||c| against float32's ~1e-7). On a CPU
+with AMX a pass is then ~1.2x faster, and the fits in bench/kmeans_bench.py end with the same
+assignments as scikit-learn's in either precision.
 
 On CPU, give XLA one device per core (XLA_FLAGS=--xla_force_host_platform_device_count=<cores>,
 set before JAX starts) and pass the default mesh: XLA runs a device's matmuls on every core but
