@@ -57,6 +57,9 @@ def put_rows(local_rows: np.ndarray, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
     Row counts need not divide the device count, nor be equal across processes: each process pads
     its rows to a common size with zeros. Returns (rows, weights), where weights is 1.0 for real
     rows and 0.0 for padding, so reductions can ignore the padding.
+
+    Rows that need no padding are not copied on the host, and on CPU the device array then
+    shares `local_rows`' memory: do not write to `local_rows` while the result is in use.
     """
     local_rows = np.asarray(local_rows)
     local_devices = len(mesh.local_devices)
