@@ -26,8 +26,13 @@ REQUIRED = [
     'tqdm',
 ]
 
+# Ingest as an Apache Beam pipeline (config.ingest.runner='beam'; docs/scaling.md). Tested with
+# 2.77, which caps numpy < 2.5, protobuf < 7 and pyarrow < 26. Dataflow wants 'apache-beam[gcp]'.
+BEAM = ['apache-beam>=2.77,<3']
+
 EXTRAS = {
-    'dev': ['pytest>=8', 'pytest-xdist', 'ruff'],
+    'dev': ['pytest>=8', 'pytest-xdist', 'ruff', *BEAM],  # with Beam, so CI runs its tests
+    'beam': BEAM,
     # PyTorch weight interop. Kept out of the core install: a plain `pip install torch` can pull
     # a multi-GB CUDA build. Install a CPU build yourself if you only need the conversion.
     'torch': ['torch>=2.9', 'torchvision>=0.24'],

@@ -10,7 +10,7 @@ sensor noise) once, ingests them into a posts store with a small label store, th
   random-resized-crop parameters, crop + resize to --size with PIL, flip, into a uint8 batch;
 * torchvision (when installed): RandomResizedCrop + RandomHorizontalFlip on a full decode, for
   context (no draft mode);
-* vise_jax: `vise_jax.input.pretrain_data` (ArrayRecord reads, decode, crop, flip, targets,
+* vise_jax: `vise_jax.inputs.pretrain_data` (ArrayRecord reads, decode, crop, flip, targets,
   batching) with each --workers count of Grain worker processes, batches of --batch.
 
 Contenders run in turn, round after round (--rounds); each pipeline run is paired with a plain
@@ -178,7 +178,7 @@ def cpu_seconds() -> float:
 def pipeline_rate(work: Path, args, workers: int) -> tuple[float, float]:
     """(images/s, CPU ms per image over all processes) of the pipeline with `workers`."""
     from vise_jax import configlib
-    from vise_jax import input as input_lib
+    from vise_jax import inputs as input_lib
 
     config = configlib.default_config()
     config.input.update(dict(image_size=args.size, global_batch_size=args.batch,

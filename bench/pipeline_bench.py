@@ -17,8 +17,8 @@ from pathlib import Path
 
 from config_loader import load_config
 
-from vise_jax import input as input_lib
-from vise_jax import pipeline
+from vise_jax import inputs as input_lib
+from vise_jax import stages
 
 
 def main() -> None:
@@ -36,9 +36,9 @@ def main() -> None:
     print(f'{os.cpu_count()} cores, load average before: {os.getloadavg()[0]:.2f}')
     times = {}
     try:
-        for stage in pipeline.STAGES:
+        for stage in stages.STAGES:
             start = time.perf_counter()
-            pipeline.run(config, workdir, [stage])
+            stages.run(config, workdir, [stage])
             times[stage] = time.perf_counter() - start
             print(f'  {stage}: {times[stage]:.1f} s', flush=True)
     finally:

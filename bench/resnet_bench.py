@@ -5,13 +5,24 @@ on the same CPU, batch and image size, float32.
       /work/peer-venv/bin/python bench/resnet_bench.py [--quick] [--scaling]
 
 Both sides do the same step: forward in train mode (BatchNorm on batch statistics, running
-statistics updated), softmax cross-entropy on 1000 classes, backward, SGD with momentum 0.9.
-vise_jax runs `models.MultiHeadResNet('resnet50', {'imagenet': 1000})` on uint8 images
-(normalised on the device, as in training) under one jit with the state donated; torchvision
-runs `resnet50()` on the float images, with every core (torch.set_num_threads), in its default
-(NCHW) memory format and in channels_last. Contenders take turns, one timed block of --steps
-steps each per round, so load from other work on the machine falls on all alike; the best round
-of each is reported, with the median. JAX's compile time is excluded and printed on its own.
+statistics updated), softmax cross-entropy on 1000 classes, backward, SGD with momentum 0.9
+(lr 0.1, no weight decay, the same batch every step). vise_jax runs
+`models.MultiHeadResNet('resnet50', {'imagenet': 1000})` on uint8 images (normalised on the
+device, as in training) under one jit with the state donated; torchvision runs
+`resnet50(zero_init_residual=True)` on the float images, with every core (torch.set_num_threads),
+in its default (NCHW) memory format and in channels_last. Contenders take turns, one timed block
+of --steps steps each per round, so load from other work on the machine falls on all alike; the
+best round of each is reported, with the median. JAX's compile time is excluded and printed on
+its own (its compiling call is vise_jax's first warm-up step, so every contender runs the same
+number of steps).
+
+Every contender starts from the same weights: torchvision's initialisation (torch.manual_seed
+--seed), imported into vise_jax with vise_jax.interop.torchvision (fc becomes the head). The loss
+of every step is printed for each contender, with vise_jax's relative difference to torchvision,
+so a divergence shows at once. `--init own` lets each start from its own initialisation instead
+(vise_jax: jax.random.key(--seed)), as the bench did before issue #17. `--head-init flax` gives
+vise_jax's head Flax's Dense default initialisation (lecun_normal kernel, zero bias: vise_jax's
+before issue #17) in place of torch's nn.Linear one (vise_jax's now, or the imported fc).
 
 vise_jax splits the cores into one XLA device per core and the batch over them (data parallel,
 BatchNorm statistics over the global batch); see bench/README.md for why, and for what else was
@@ -48,6 +59,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--quick', action='store_true',
                         help='a smoke test: batch 4 at 64 px, one warm-up, two steps, one round')
     parser.add_argument('--skip-torch', action='store_true')
+    parser.add_argument('--init', default='torch', choices=['torch', 'own'],
+                        help="'torch': every contender starts from torchvision's initial weights "
+                             "(default); 'own': each from its own initialisation")
+    parser.add_argument('--seed', type=int, default=0,
+                        help='torch.manual_seed (and jax.random.key for --init own)')
+    parser.add_argument('--head-init', default='torch', choices=['torch', 'flax'],
+                        help="vise_jax's head: as initialised or imported ('torch', default), or "
+                             "Flax's Dense default init from jax.random.key(--seed) ('flax', "
+                             "vise_jax's before issue #17)")
+    parser.add_argument('--no-channels-last', action='store_true',
+                        help='run torch in its default layout only (for loss curves)')
     parser.add_argument('--scaling', action='store_true',
                         help='also: the step on 1, 2, 4, 8 devices (compiles, loss, images/s)')
     args = parser.parse_args()
@@ -70,10 +92,13 @@ def configure_xla(devices: int) -> None:
 
 @dataclasses.dataclass
 class Contender:
-    """One implementation: `run(n)` does n training steps and waits for them to finish."""
+    """One implementation: `run(n)` does n training steps and waits for them to finish.
+
+    `losses` gets every step's loss, in order (as arrays or tensors: read after timing)."""
 
     name: str
     run: Callable[[int], float]     # returns the last step's loss
+    losses: list
     seconds: list = dataclasses.field(default_factory=list)
     loss: float = float('nan')
 
@@ -119,7 +144,11 @@ def flax_train_step(model, mesh, learning_rate: float = 0.1):
     return jitted, optimizer
 
 
-def flax_contender(batch: int, size: int, devices: int, dtype: str = 'float32') -> Contender:
+def flax_contender(batch: int, size: int, devices: int, dtype: str = 'float32',
+                   variables=None, seed: int = 0, head_init: str = 'torch') -> Contender:
+    """`variables`: the MultiHeadResNet's {'params', 'batch_stats'} to start from (numpy);
+    None initialises them with jax.random.key(seed). head_init 'flax' replaces the head by
+    `flax_default_head(seed)`."""
     import jax
     import jax.numpy as jnp
 
@@ -130,33 +159,89 @@ def flax_contender(batch: int, size: int, devices: int, dtype: str = 'float32') 
     images, labels = make_batch(batch, size)
     mesh = sharding.make_mesh(devices=jax.devices()[:devices])
     step, optimizer = flax_train_step(model, mesh)
-    variables = jax.jit(model.init, static_argnames='train')(jax.random.key(0), images[:1],
-                                                             train=False)
+    if variables is None:
+        variables = jax.jit(model.init, static_argnames='train')(jax.random.key(seed),
+                                                                 images[:1], train=False)
+    if head_init == 'flax':
+        variables = {'params': {**variables['params'],
+                                'heads': {'imagenet': flax_default_head(seed)}},
+                     'batch_stats': variables['batch_stats']}
     state = (variables['params'], variables['batch_stats'],
              optimizer.init(variables['params']))
     holder = [jax.device_put(state, sharding.replicated(mesh))]
     batch_arrays = jax.device_put((images, labels), sharding.row_sharding(mesh))
+    losses: list = []
 
     def run(steps: int) -> float:
         for _ in range(steps):
             holder[0], loss = step(holder[0], *batch_arrays)
-        return float(loss)   # waits for the last step
+            losses.append(loss)
+        return float(losses[-1])   # waits for the last step
 
-    return Contender('vise_jax' if dtype == 'float32' else f'vise_jax {dtype}', run)
+    return Contender('vise_jax' if dtype == 'float32' else f'vise_jax {dtype}', run, losses)
+
+
+def flax_default_head(seed: int, features: int = 2048, classes: int = 1000) -> dict:
+    """The 'imagenet' head as vise_jax initialised it before issue #17 (a plain nn.Dense:
+    lecun_normal kernel, std 1/sqrt(features), and zero bias): the same parameter path
+    (heads/imagenet) and key give the same numbers `model.init(jax.random.key(seed))` gave."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class OldHeads(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(classes, name='imagenet')(x)
+
+    class Root(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return OldHeads(name='heads')(x)
+
+    params = Root().init(jax.random.key(seed), jnp.zeros((1, features)))['params']
+    return jax.device_get(params['heads']['imagenet'])
+
+
+def torchvision_initial_weights(seed: int) -> dict:
+    """torchvision's resnet50(zero_init_residual=True) as initialised after
+    torch.manual_seed(seed): its state_dict as numpy arrays."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet50(zero_init_residual=True)
+    return {key: value.numpy().copy() for key, value in model.state_dict().items()}
+
+
+def flax_variables_from_torchvision(state_dict: dict) -> dict:
+    """The MultiHeadResNet variables holding those weights (fc as the 'imagenet' head)."""
+    from vise_jax.interop import torchvision as tv
+
+    trunk = tv.torchvision_to_flax(state_dict, 'resnet50')
+    return {'params': {'backbone': trunk['params'],
+                       'heads': {'imagenet': tv.torchvision_fc(state_dict)}},
+            'batch_stats': {'backbone': trunk['batch_stats']}}
 
 
 # ----------------------------------------------------------------------------------- torchvision
 
 
-def torch_contender(batch: int, size: int, threads: int, channels_last: bool) -> Contender:
+def torch_contender(batch: int, size: int, threads: int, channels_last: bool,
+                    state_dict=None, seed: int = 0) -> Contender:
+    """`state_dict`: numpy weights to start from; None: torchvision's init after
+    torch.manual_seed(seed)."""
     import numpy as np
     import torch
     import torchvision
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = torchvision.models.resnet50(zero_init_residual=True)  # as vise_jax's default
+    if state_dict is not None:
+        model.load_state_dict({key: torch.from_numpy(value.copy())
+                               for key, value in state_dict.items()}, strict=True)
     model = model.to(memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     images, labels = make_batch(batch, size)
@@ -166,6 +251,7 @@ def torch_contender(batch: int, size: int, threads: int, channels_last: bool) ->
     x = torch.from_numpy(np.ascontiguousarray(floats)).to(memory_format=memory_format)
     y = torch.from_numpy(labels.astype(np.int64))
     loss_fn = torch.nn.CrossEntropyLoss()
+    losses: list = []
 
     def run(steps: int) -> float:
         for _ in range(steps):
@@ -173,18 +259,21 @@ def torch_contender(batch: int, size: int, threads: int, channels_last: bool) ->
             loss = loss_fn(model(x), y)
             loss.backward()
             optimizer.step()
-        return float(loss.detach())
+            losses.append(loss.detach())
+        return float(losses[-1])
 
-    return Contender('torchvision channels_last' if channels_last else 'torchvision', run)
+    return Contender('torchvision channels_last' if channels_last else 'torchvision', run,
+                     losses)
 
 
 # ------------------------------------------------------------------------------------- timing
 
 
 def race(contenders: list[Contender], warmup: int, steps: int, rounds: int) -> None:
-    """Warms every contender up, then times `steps` steps of each, round after round."""
+    """Warms every contender up to `warmup` steps (counting steps already run, such as
+    vise_jax's compiling one), then times `steps` steps of each, round after round."""
     for contender in contenders:
-        contender.run(warmup)
+        contender.run(max(0, warmup - len(contender.losses)))
     for _ in range(rounds):
         for contender in contenders:
             begin = time.perf_counter()
@@ -213,6 +302,10 @@ def describe_machine(args: argparse.Namespace) -> None:
           f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
     print(f'ResNet-50 train step: batch {args.batch}, {args.size} px, {args.dtype}; '
           f'{args.warmup} warm-up steps, {args.rounds} rounds of {args.steps} timed steps')
+    start = ("torchvision's initial weights for all" if args.init == 'torch' and not args.skip_torch
+             else 'each its own initial weights')
+    head = ", vise_jax's head Flax's Dense default init" if args.head_init == 'flax' else ''
+    print(f'start: {start} (seed {args.seed}){head}')
     for name in ('OPENBLAS_CORETYPE', 'OPENBLAS_L2_SIZE'):
         if name in os.environ:
             print(f'warning: {name}={os.environ[name]} is set; it can slow numpy and the peers')
@@ -243,6 +336,25 @@ def report(contenders: list[Contender], args: argparse.Namespace, compile_time: 
                  / images_per_second(best_peer, args.batch, args.steps))
         print(f'images/s ratio vise_jax / {best_peer.name} (the faster torch layout): '
               f'{ratio:.3f}')
+
+
+def report_losses(contenders: list[Contender]) -> None:
+    """Every step's loss for each contender, and vise_jax's relative difference to the first
+    torch one: the steps are the same, so the curves are too, up to float32 rounding (which a
+    chaotic trajectory amplifies over the steps)."""
+    import numpy as np
+
+    curves = [np.asarray([float(loss) for loss in c.losses]) for c in contenders]
+    steps = min(len(curve) for curve in curves)
+    names = ''.join(f'{c.name:>28s}' for c in contenders)
+    compare = len(contenders) > 1
+    print(f'\nloss per step (the same batch every step)\n{"step":>5s}{names}'
+          + (f'{"rel. diff":>11s}' if compare else ''))
+    for i in range(steps):
+        row = ''.join(f'{curve[i]:28.6f}' for curve in curves)
+        if compare:
+            row += f'{abs(curves[0][i] - curves[1][i]) / abs(curves[1][i]):11.1e}'
+        print(f'{i + 1:5d}{row}')
 
 
 # ------------------------------------------------------------------------------------ scaling
@@ -284,19 +396,26 @@ def main() -> None:
     import jax
 
     describe_machine(args)
+    torch_weights = variables = None
+    if not args.skip_torch and args.init == 'torch':
+        torch_weights = torchvision_initial_weights(args.seed)
+        variables = flax_variables_from_torchvision(torch_weights)
     contenders = [flax_contender(args.batch, args.size, min(args.devices, len(jax.devices())),
-                                 args.dtype)]
+                                 args.dtype, variables, args.seed, args.head_init)]
     spent: list = []
     listener = compile_seconds_listener(spent)
     jax.monitoring.register_event_duration_secs_listener(listener)
     contenders[0].run(1)   # compiles the step
     jax.monitoring.unregister_event_duration_listener(listener)
     if not args.skip_torch:
-        contenders += [torch_contender(args.batch, args.size, args.threads, channels_last)
-                       for channels_last in (False, True)]
+        contenders += [torch_contender(args.batch, args.size, args.threads, channels_last,
+                                       torch_weights, args.seed)
+                       for channels_last in ((False,) if args.no_channels_last
+                                             else (False, True))]
         describe_torch()
     race(contenders, args.warmup, args.steps, args.rounds)
     report(contenders, args, sum(spent))
+    report_losses(contenders)
     if args.scaling:
         scaling_check(args)
 

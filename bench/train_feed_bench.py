@@ -18,8 +18,8 @@ from pathlib import Path
 import jax
 from config_loader import load_config
 
-from vise_jax import input as input_lib
-from vise_jax import pipeline
+from vise_jax import inputs as input_lib
+from vise_jax import stages
 from vise_jax.train import loop
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config)
-    pipeline.run(config, args.workdir, ['demo_world', 'ingest', 'embed', 'cluster'])
+    stages.run(config, args.workdir, ['demo_world', 'ingest', 'embed', 'cluster'])
     run = loop.build_run(config, Path(args.workdir))
     iterator = run.train_data.iterator()
 

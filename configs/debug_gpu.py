@@ -12,11 +12,10 @@ from vise_jax import configlib
 
 
 def get_config(arg=None):
+    # Model, input size, heads and compute dtype are the defaults (configs/vise_resnet50.py's).
     arg = configlib.parse_arg(arg, demo=False)
     config = configlib.default_config()
     config.ingest.num_threads = 16
-    config.cluster.comment_ks = (1000, 5000)
-    config.cluster.reaction_ks = (50,)
     if arg.demo:
         config.demo.enabled = True
         config.demo.world.image_size = 224
@@ -24,11 +23,8 @@ def get_config(arg=None):
         # The demo world has ~12k comments: paper-scale K would leave a few per cluster.
         config.cluster.comment_ks = (16, 64)
         config.cluster.reaction_ks = (8,)
-    config.input.image_size = 224
-    config.input.global_batch_size = 256
+    config.input.global_batch_size = 256     # fits one 16 GB device
     config.input.num_workers = 8
-    config.model.name = 'resnet50'
-    config.model.compute_dtype = 'bfloat16'
     config.train.epochs = 1
     config.train.log_every_steps = 10
     config.train.checkpoint_every_steps = 200

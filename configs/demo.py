@@ -4,6 +4,11 @@
 
 Variants after a colon: `configs/demo.py:size=tiny` is a seconds-long world for tests and smoke
 runs. The world is generated into {workdir}/world as ordinary posts and ingested like real data.
+
+`configs/demo.py:sweep` is the seeds-and-ablations sweep (launch/sweep.py): three seeds, one
+world, half the pretraining posts, this config and the variants in ABLATIONS (partial configs):
+
+  python launch/sweep.py --config=configs/demo.py:sweep --workdir=workdirs/sweep
 """
 
 from vise_jax import configlib
@@ -15,9 +20,23 @@ SIZES = {
                  posts_per_chunk=16),
 }
 
+# The ablations the method invites: which engagement signal, how many clusters, which text
+# encoder, and soft (every comment cluster of a post) or single-label (its most frequent one)
+# comment targets. The sweep runs the demo's own setting too (row 'vise': comments at K = 16 and
+# 64, reactions at K = 8, soft targets, MiniLM).
+ABLATIONS = {
+    'comments_only': {'cluster': {'reaction_ks': ()}},
+    'reactions_only': {'cluster': {'comment_ks': ()}},
+    'k16': {'cluster': {'comment_ks': (16,)}},
+    'k64': {'cluster': {'comment_ks': (64,)}},
+    'k256': {'cluster': {'comment_ks': (256,)}},
+    'sentencepiece': {'embed': {'encoder': 'sentencepiece'}},
+    'single_label': {'input': {'max_targets_per_post': 1}},
+}
+
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, size='default')
+    arg = configlib.parse_arg(arg, size='default', sweep=False)
     if arg.size not in SIZES:
         raise ValueError(f'configs/demo.py: unknown size {arg.size!r}; known: {sorted(SIZES)}')
     config = configlib.default_config()
@@ -72,4 +91,12 @@ def get_config(arg=None):
         config.train.log_every_steps = 1
         config.train.eval_every_steps = 2
         config.train.checkpoint_every_steps = 2
+    if arg.sweep:
+        config.experiment.seeds = (0, 1, 2)
+        config.experiment.variants = ABLATIONS
+        if arg.size == 'default':   # 27 trainings: half the posts keeps it near half an hour
+            config.demo.num_pretrain = 2000
+        else:                       # tests: two seeds, two variants
+            config.experiment.seeds = (0, 1)
+            config.experiment.variants = {'comments_only': ABLATIONS['comments_only']}
     return config

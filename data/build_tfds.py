@@ -4,7 +4,7 @@
 
 (`tfds build data/vise_fi --manual_dir=...` does the same where TensorFlow is installed: the
 `tfds` command line imports it.) The result is read with 'tfds:vise_fi:train[:DATA_DIR]' in
-config.eval.train / config.eval.test, or `vise_jax.input.tfds_images`.
+config.eval.train / config.eval.test, or `vise_jax.inputs.tfds_images`.
 """
 
 from __future__ import annotations

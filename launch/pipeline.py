@@ -9,7 +9,7 @@ stage writes {workdir}/report.md: the verdict on the paper's pattern, the table 
 
 import cli
 
-from vise_jax import pipeline
+from vise_jax import stages
 
 if __name__ == '__main__':
-    cli.run_stages(list(pipeline.STAGES))
+    cli.run_stages(list(stages.STAGES))

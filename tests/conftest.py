@@ -82,10 +82,10 @@ def run_launch(script: str, *args: str, cwd: Path = REPO) -> subprocess.Complete
 def labelled_world(tmp_path_factory):
     """The tiny demo world up to its labels (demo_world, ingest, embed, cluster), built once per
     session; tests copy it before writing into it."""
-    from vise_jax import pipeline
+    from vise_jax import stages
 
     workdir = tmp_path_factory.mktemp('world')
-    pipeline.run(load_config('demo.py', 'size=tiny'), workdir,
+    stages.run(load_config('demo.py', 'size=tiny'), workdir,
                  ['demo_world', 'ingest', 'embed', 'cluster'])
     return workdir
 

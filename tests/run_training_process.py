@@ -13,7 +13,8 @@
                                                    and every process holds there, so the
                                                    preemption notice reaches all of them before
                                                    step K + 1: they must all stop after step K
-      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I
+       --distributed_timeout=SECONDS]              how long processes wait for each other
 
 Each crash happens once per workdir (a marker file records it), so rerunning the very same
 command continues the run, as a restarted job would. Process 0 logs at INFO on stderr; the last
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--coordinator_address', default='')
     parser.add_argument('--num_processes', type=int)
     parser.add_argument('--process_id', type=int)
+    # Generous: on a loaded machine one process may start, compile or restore minutes after the
+    # other (distributed.initialize's timeout_s).
+    parser.add_argument('--distributed_timeout', type=int, default=600)
     return parser.parse_args(argv)
 
 
@@ -156,7 +160,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from vise_jax import distributed
 
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           timeout_s=args.distributed_timeout)
     import jax
 
     logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
@@ -164,15 +169,21 @@ def main(argv=None) -> int:
                         format=f'[p{jax.process_index()}] %(levelname)s %(name)s: %(message)s')
     for noisy in ('absl', 'jax', 'orbax'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from vise_jax.train import loop
+    from vise_jax import configlib, export
+    from vise_jax.train import checkpointing, loop
 
-    config = load_config(args.config, args.set)
     workdir = Path(args.workdir)
+    # What the train stage does before loop.train: '{workdir}' expanded, config.train.init read
+    # by vise_jax.export.
+    config = configlib.with_workdir(load_config(args.config, args.set), workdir)
+    init = (checkpointing.Init(config.train.init,
+                               lambda: export.load_backbone(config.train.init))
+            if config.train.init else None)
     checkpoints = Path(config.train.checkpoint_dir or workdir / 'train' / 'checkpoints')
     install_step_hooks(args, loop, workdir, checkpoints)
     if args.kill_during_save is not None:
         install_save_crash(args, workdir)
-    summary = loop.train(config, workdir)
+    summary = loop.train(config, workdir, init=init)
     print('RESULT ' + json.dumps({'process': jax.process_index(), **summary}), flush=True)
     return 0 if summary['finished'] else 3
 

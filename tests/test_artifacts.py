@@ -1,8 +1,17 @@
 """The stage contract: atomic files, skip when done, resume when partial, rebuild when stale."""
 
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 
-from vise_jax import artifacts
+from vise_jax import artifacts, workdir_lock
 from vise_jax.errors import InputError
 
 
@@ -46,3 +55,99 @@ def test_stage_refuses_to_delete_a_directory_it_did_not_make(tmp_path):
     with pytest.raises(InputError, match='holds no stage record'):
         artifacts.StageDir(tmp_path / 's', 'demo', {}).prepare()
     assert (tmp_path / 's' / 'precious.txt').exists()
+
+
+# The workdir lock: one run at a time (vise_jax/workdir_lock.py, taken by stages.run).
+
+HOLDER = ('import sys; from vise_jax import workdir_lock; '
+          "workdir_lock.acquire(sys.argv[1], command='holder --workdir=W'); "
+          "print('held', flush=True); sys.stdin.read()")
+
+
+def start_holder(workdir):
+    """A process holding the workdir's lock until it is killed or its stdin closes."""
+    holder = subprocess.Popen([sys.executable, '-c', HOLDER, str(workdir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == 'held'
+    return holder
+
+
+def test_second_run_on_a_workdir_fails_at_once_naming_the_first(tmp_path, caplog):
+    from conftest import load_config
+
+    from vise_jax import stages
+
+    workdir = tmp_path / 'w'
+    holder = start_holder(workdir)
+    try:
+        start = time.monotonic()
+        with pytest.raises(workdir_lock.WorkdirBusy,
+                           match=rf'in use by another run: pid {holder.pid} on host '
+                                 rf'{re.escape(socket.gethostname())} since .* ago\), '
+                                 r'command: holder --workdir=W'):
+            stages.run(load_config('demo.py', 'size=tiny'), workdir, ['demo_world'])
+        assert time.monotonic() - start < 10
+        assert sorted(p.name for p in workdir.iterdir()) == [workdir_lock.LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its lock file is left, and does not block.
+    assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text())['pid'] == holder.pid
+    with caplog.at_level(logging.WARNING), workdir_lock.hold(workdir) as lock:
+        assert lock.info['pid'] == os.getpid()
+    assert f'taking over the stale lock of pid {holder.pid}' in caplog.text
+    assert not (workdir / workdir_lock.LOCK_FILE).exists()   # a clean release removes it
+
+
+def test_released_lock_is_free_and_leftover_file_of_a_dead_process_does_not_block(tmp_path):
+    with workdir_lock.hold(tmp_path) as lock:
+        assert lock.held
+        with pytest.raises(workdir_lock.WorkdirBusy, match=f'pid {os.getpid()}'):
+            workdir_lock.acquire(tmp_path)   # a second open file, even in one process
+    assert not lock.held
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True, check=True)
+    info = {**workdir_lock.holder_info('old run'), 'pid': int(dead.stdout)}
+    (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(info))
+    workdir_lock.acquire(tmp_path).release()
+
+
+def test_lock_file_from_another_host_is_never_taken_over(tmp_path):
+    info = {**workdir_lock.holder_info('train on w7'), 'host': 'w7.cluster', 'pid': 4321}
+    path = tmp_path / workdir_lock.LOCK_FILE
+    path.write_text(json.dumps(info))
+    with pytest.raises(workdir_lock.WorkdirBusy,
+                       match=rf"pid 4321 on host w7.cluster .* another host's lock.*rm {path}"):
+        workdir_lock.acquire(tmp_path)
+    assert json.loads(path.read_text()) == info
+
+
+def test_only_process_zero_locks_and_every_process_stops_when_it_cannot(tmp_path, monkeypatch):
+    import jax
+    from jax.experimental import multihost_utils
+
+    from vise_jax import stages
+
+    shared = []
+    monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all',
+                        lambda value: shared.append(int(value)) or shared[0])
+    holder = start_holder(tmp_path)
+    try:
+        # Process 0 cannot take the lock: it says why, after telling the others.
+        monkeypatch.setattr(jax, 'process_index', lambda: 0)
+        with pytest.raises(workdir_lock.WorkdirBusy, match=f'pid {holder.pid}'):
+            stages.lock_workdir(tmp_path)
+        assert shared == [0]
+        # Process 1 never touches the lock file and stops on process 0's word.
+        monkeypatch.setattr(jax, 'process_index', lambda: 1)
+        with pytest.raises(workdir_lock.WorkdirBusy, match='process 0 could not lock it'):
+            stages.lock_workdir(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    shared[:] = [1]
+    assert stages.lock_workdir(tmp_path) is None   # process 1 of a run that got the lock
+    monkeypatch.setattr(jax, 'process_index', lambda: 0)
+    stages.lock_workdir(tmp_path).release()

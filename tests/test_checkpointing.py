@@ -19,7 +19,7 @@ from conftest import load_config
 from jax.sharding import NamedSharding, PartitionSpec
 from training_processes import assert_bitwise_equal, copy_world, leaves, read_state, run_one, steps
 
-from vise_jax import models, sharding
+from vise_jax import export, models, sharding
 from vise_jax.errors import InputError
 from vise_jax.train import checkpointing, optim
 from vise_jax.train import state as state_lib
@@ -139,8 +139,8 @@ def test_init_takes_the_backbone_of_a_real_checkpoint(straight):
                          abstract, shardings)
     meta = {'model': 'resnet18', 'width': config.model.width}
 
-    started = checkpointing.init_backbone(straight / 'train' / 'checkpoints', fresh, shardings,
-                                          meta)
+    variables, source = export.load_backbone(straight / 'train' / 'checkpoints')
+    started = checkpointing.init_backbone(variables, source, fresh, shardings, meta)
     saved = final_state(straight)
     for collection in ('params', 'batch_stats'):
         want = leaves(saved[collection]['backbone'])
@@ -152,7 +152,7 @@ def test_init_takes_the_backbone_of_a_real_checkpoint(straight):
 
     with pytest.raises(InputError, match='holds a resnet18 of width 8, but config.model is '
                                          'resnet18 of width 16'):
-        checkpointing.init_backbone(straight / 'train' / 'checkpoints', fresh, shardings,
+        checkpointing.init_backbone(variables, source, fresh, shardings,
                                     {'model': 'resnet18', 'width': 16})
 
 
@@ -176,14 +176,21 @@ def replicated():
     return NamedSharding(sharding.make_mesh(), PartitionSpec())
 
 
-def toy_state(value, replicated, extra_opt=False):
-    opt_state = ({'trace': {'w': jnp.full((4, 2), value)}},) + (
-        ({'nu': jnp.zeros(3)},) if extra_opt else ())
+def toy_state(value, replicated, extra_opt=False, noise=False):
+    """A TrainState whose arrays hold `value`; `noise` adds a (64, 64) array of random numbers,
+    large enough that Orbax stores it apart from its (checksummed) index."""
+    def full(shape):
+        return jnp.full(shape, value, jnp.float32)
+
+    opt_state = ({'trace': {'w': full((4, 2))}},) + (
+        ({'nu': jnp.zeros(3)},) if extra_opt else ()) + (
+        ({'noise': jnp.asarray(np.random.default_rng(int(value)).normal(size=(64, 64)),
+                               jnp.float32)},) if noise else ())
     state = state_lib.TrainState(
         step=jnp.asarray(int(value), jnp.int32),
-        params={'backbone': {'conv1': {'kernel': jnp.full((3, 3, 3, 4), value)}},
-                'heads': {'h': {'kernel': jnp.full((4, 2), value)}}},
-        batch_stats={'backbone': {'bn1': {'mean': jnp.full((4,), value)}}},
+        params={'backbone': {'conv1': {'kernel': full((3, 3, 3, 4))}},
+                'heads': {'h': {'kernel': full((4, 2))}}},
+        batch_stats={'backbone': {'bn1': {'mean': full((4,))}}},
         opt_state=opt_state)
     shardings = jax.tree.map(lambda _: replicated, state)
     return jax.device_put(state, shardings), shardings
@@ -193,7 +200,7 @@ def toy_iterator():
     return iter(grain.MapDataset.range(1000).to_iter_dataset())
 
 
-def save_steps(directory, replicated, step_numbers, meta=META):
+def save_steps(directory, replicated, step_numbers, meta=META, noise=False):
     """Saves toy states of value = step, with the iterator advanced 10 items per step."""
     manager = checkpointing.make_manager(directory, every_steps=1, keep=10)
     iterator = toy_iterator()
@@ -201,7 +208,7 @@ def save_steps(directory, replicated, step_numbers, meta=META):
     for step in step_numbers:
         while iterator.get_state()['next_index'] < 10 * step:
             next(iterator)
-        state, _ = toy_state(step, replicated)
+        state, _ = toy_state(step, replicated, noise=noise)
         checkpointing.save(manager, step, state, iterator, meta, force=True)
         positions[step] = iterator.get_state()
     manager.wait_until_finished()
@@ -270,6 +277,103 @@ def test_every_step_unreadable_means_scratch_with_the_iterator_untouched(replica
     manager.close()
 
 
+ZSTD_FRAME = bytes.fromhex('28b52ffd')
+
+
+def flip_a_byte_silently(step_dir):
+    """Flips one byte of an array stored apart from Orbax's index (a bare zstd frame: no
+    checksum) such that Orbax still reads it, wrongly and without an error (finite values,
+    other numbers): the damage only a checksum finds. Returns the damaged file."""
+    saved = leaves(read_state(step_dir))
+    files = sorted(path for path in (step_dir / 'state').rglob('*')
+                   if path.is_file() and path.read_bytes()[:4] == ZSTD_FRAME)
+    assert files, 'no array stored apart from the index'
+    for path in files:
+        original = path.read_bytes()
+        for offset in range(len(original) // 2, len(original)):
+            damaged = bytearray(original)
+            damaged[offset] ^= 0x10
+            path.write_bytes(bytes(damaged))
+            try:
+                now = leaves(read_state(step_dir))
+            except Exception:   # noqa: BLE001 (a flip Orbax notices: not the one wanted here)
+                continue
+            if (all(np.all(np.isfinite(a)) for a in now.values())
+                    and any(not np.array_equal(now[k], saved[k]) for k in saved)):
+                return path
+        path.write_bytes(original)
+    raise AssertionError(f'no byte of {files} can be flipped without Orbax noticing')
+
+
+def test_a_silently_flipped_byte_is_caught_by_the_checksums(replicated, tmp_path, caplog):
+    """A flip that Orbax reads without an error (array data stored apart from Orbax's index has
+    no checksum of its own): the checksums saved in the meta item find it, and it is damage
+    like a truncated file."""
+    directory = tmp_path / 'checkpoints'
+    positions = save_steps(directory, replicated, [1, 2, 3], noise=True)
+    flip_a_byte_silently(directory / '3')
+    manager = checkpointing.make_manager(directory, every_steps=1, keep=10)
+    iterator = toy_iterator()
+    template, shardings = toy_state(0, replicated, noise=True)
+    with caplog.at_level(logging.WARNING, logger='vise_jax.train.checkpointing'):
+        state, where = checkpointing.restore_latest(manager, template, shardings, iterator, META)
+    manager.close()
+    assert where == str(directory / '2') and value_of(state) == 2.0
+    assert iterator.get_state() == positions[2]
+    assert f"{directory / '3'}: cannot read its 'state' item: DamagedState: 1 of 6 arrays " \
+           'differ from the checksums saved with them' in caplog.text
+    moved = list((directory / checkpointing.CORRUPT_DIR).iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith('3-')
+    assert f'moved it to {moved[0]}' in caplog.text
+
+
+def test_a_checkpoint_holding_nan_is_damage_too(replicated, tmp_path, caplog):
+    """Saved with NaN (so its checksums match): refused all the same, the previous step used."""
+    directory = tmp_path / 'checkpoints'
+    positions = save_steps(directory, replicated, [1, 2])
+    manager = checkpointing.make_manager(directory, every_steps=1, keep=10)
+    iterator = toy_iterator()
+    while iterator.get_state()['next_index'] < 30:
+        next(iterator)
+    state, _ = toy_state(3, replicated)
+    momentum = state.opt_state[0]['trace']['w']
+    state = state.replace(opt_state=({'trace': {'w': momentum.at[1, 0].set(jnp.nan)}},))
+    checkpointing.save(manager, 3, state, iterator, META, force=True)
+    manager.wait_until_finished()
+
+    template, shardings = toy_state(0, replicated)
+    iterator = toy_iterator()
+    with caplog.at_level(logging.WARNING, logger='vise_jax.train.checkpointing'):
+        state, where = checkpointing.restore_latest(manager, template, shardings, iterator, META)
+    manager.close()
+    assert where == str(directory / '2') and value_of(state) == 2.0
+    assert iterator.get_state() == positions[2]
+    assert "cannot read its 'state' item: DamagedState: non-finite values (NaN or inf) in " \
+           'opt_state/0/trace/w' in caplog.text
+    assert [p.name.split('-')[0] for p in (directory / checkpointing.CORRUPT_DIR).iterdir()] \
+        == ['3']
+
+
+def test_state_checksums_do_not_depend_on_the_layout():
+    """The same digest for any sharding (on the devices) and for numpy arrays (on the host)."""
+    mesh = sharding.make_mesh(2, 4)
+    rng = np.random.default_rng(0)
+    arrays = {'w': rng.normal(size=(8, 12)).astype(np.float32),
+              'b': rng.normal(size=(16,)).astype(jnp.bfloat16),
+              'step': np.int32(7)}
+    on_host = checkpointing.numpy_checks(arrays)
+    for spec in (PartitionSpec(), PartitionSpec('fsdp'), PartitionSpec('data')):
+        placed = {name: jax.device_put(a, NamedSharding(mesh, spec if np.ndim(a) else
+                                                        PartitionSpec()))
+                  for name, a in arrays.items()}
+        assert checkpointing.array_checks(placed) == on_host
+    changed = dict(arrays, w=arrays['w'].copy())
+    changed['w'].view(np.uint32)[3, 5] ^= 1      # the lowest bit of one number
+    assert checkpointing.numpy_checks(changed)['w'] != on_host['w']
+    assert checkpointing.find_damage(on_host, {'algorithm': checkpointing.DIGEST_ALGORITHM,
+                                               'arrays': {'w': on_host['w'][0]}}) is None
+
+
 @pytest.mark.parametrize('key, value', [('model', 'resnet34'), ('width', 16),
                                         ('heads', {'h': 3}), ('heads', {'g': 2}),
                                         ('image_size', 64), ('seed', 1)])
@@ -318,8 +422,6 @@ def test_unfinished_save_is_ignored_and_cleaned_up(replicated, tmp_path):
 @pytest.fixture
 def fake_backbone(monkeypatch):
     """vise_jax.export.load_backbone returning a toy backbone of value 9."""
-    from vise_jax import export
-
     calls = []
 
     def load_backbone(path):
@@ -331,6 +433,11 @@ def fake_backbone(monkeypatch):
 
     monkeypatch.setattr(export, 'load_backbone', load_backbone)
     return calls
+
+
+def init_from(path):
+    """config.train.init as the train stage passes it."""
+    return checkpointing.Init(path, lambda: export.load_backbone(path))
 
 
 def test_start_order_own_checkpoint_then_resume_then_init_then_scratch(
@@ -351,7 +458,7 @@ def test_start_order_own_checkpoint_then_resume_then_init_then_scratch(
             manager.close()
         return started, iterator.get_state()
 
-    both = {'resume': str(other_run), 'init': 'weights.safetensors'}
+    both = {'resume': str(other_run), 'init': init_from('weights.safetensors')}
     started, _ = start(own, **both)
     assert (started.source, value_of(started.state)) == ('checkpoint', 2.0)
     assert 'resuming at step 2' in started.describe()
@@ -360,14 +467,14 @@ def test_start_order_own_checkpoint_then_resume_then_init_then_scratch(
     for resume, step in [(other_run, 5), (other_run / 'checkpoints', 5),
                          (other_run / 'checkpoints' / '4', 4)]:
         started, position = start(tmp_path / f'empty-{step}-{len(str(resume))}',
-                                  resume=str(resume), init='weights.safetensors')
+                                  resume=str(resume), init=init_from('weights.safetensors'))
         assert (started.source, value_of(started.state), int(started.state.step)) == (
             'resume', float(step), step)
         assert position == other_positions[step]
         assert started.where == str(other_run / 'checkpoints' / str(step))
     assert fake_backbone == []   # init was never needed
 
-    started, position = start(tmp_path / 'empty-init', init='weights.safetensors')
+    started, position = start(tmp_path / 'empty-init', init=init_from('weights.safetensors'))
     assert started.source == 'init' and fake_backbone == ['weights.safetensors']
     assert value_of(started.state) == 9.0
     assert float(started.state.batch_stats['backbone']['bn1']['mean'][0]) == 9.0
@@ -393,7 +500,7 @@ def test_resume_and_init_that_do_not_fit_are_refused(replicated, tmp_path, fake_
         with pytest.raises(InputError, match='holds a resnet50 of width 8, but config.model is '
                                              'resnet18 of width 8'):
             checkpointing.starting_state(manager, template, shardings, toy_iterator(), META,
-                                         init='resnet50.pth')
+                                         init=init_from('resnet50.pth'))
     finally:
         manager.close()
 

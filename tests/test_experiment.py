@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vise_jax import configlib, experiment, pipeline
+from vise_jax import configlib, experiment, stages
 from vise_jax.cluster import labels
 from vise_jax.errors import InputError
 
@@ -74,13 +74,12 @@ def test_class_labels_refuse_missing_rows_columns_and_single_classes(tmp_path):
         labels.write_class_labels(tmp_path / 'b', csv, 'mood', ['p0', 'p1'])
     with pytest.raises(InputError, match='1 distinct classes; a classification head needs'):
         labels.write_class_labels(tmp_path / 'c', csv, 'object', ['p0', 'p1'])
-    with pytest.raises(InputError, match="must be 'CSV:COLUMN'"):
-        labels.parse_class_spec('latents.csv', tmp_path)
+    with pytest.raises(InputError, match="supervised_labels='latents.csv': .*'CSV:COLUMN'"):
+        labels.parse_class_spec('latents.csv')
     with pytest.raises(InputError, match=r'l.csv: no such file \(config.experiment.supervised_l'):
-        labels.parse_class_spec('{workdir}/l.csv:object', tmp_path)
+        labels.parse_class_spec(f'{tmp_path}/l.csv:object')
     (tmp_path / 'l.csv').write_text('id,object\n')
-    assert labels.parse_class_spec('{workdir}/l.csv:object', tmp_path) == (tmp_path / 'l.csv',
-                                                                           'object')
+    assert labels.parse_class_spec(f'{tmp_path}/l.csv:object') == (tmp_path / 'l.csv', 'object')
 
 
 def test_unknown_baselines_are_refused_before_any_work(tmp_path):
@@ -88,5 +87,5 @@ def test_unknown_baselines_are_refused_before_any_work(tmp_path):
     config.experiment.baselines = ('random,imagenet',)   # as --config...=random,imagenet gives
     with pytest.raises(InputError, match=r"unknown \['imagenet'\]; known: \('supervised', "
                                          r"'random'\)"):
-        pipeline.baselines_stage(config, tmp_path)
+        stages.baselines_stage(config, tmp_path)
     assert not any(tmp_path.iterdir())

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, load_config
 from test_models import REFERENCE_SCRIPT, TORCHVISION, assert_close, random_variables
 
-from vise_jax import artifacts, export
+from vise_jax import artifacts, configlib, export, stages
 from vise_jax.errors import InputError
 from vise_jax.interop import files as weight_files
 from vise_jax.interop import torchvision as tv
@@ -247,7 +247,7 @@ def test_a_failure_mid_write_leaves_no_export(tmp_path, monkeypatch):
         assert (directory / 'variables').is_dir()    # the weights were already written
         raise RuntimeError('disk full')
 
-    monkeypatch.setattr(export, 'write_meta_file', fail)
+    monkeypatch.setattr(export.format, 'write_meta_file', fail)
     with pytest.raises(RuntimeError, match='disk full'):
         export.write_export(tmp_path / 'export', variables, meta)
     assert list(tmp_path.iterdir()) == []            # neither the export nor its temporary
@@ -257,7 +257,7 @@ def test_a_failure_mid_write_leaves_no_export(tmp_path, monkeypatch):
     # Replacing an existing export: the old one stays whole when the new write fails.
     monkeypatch.undo()
     export.write_export(tmp_path / 'export', variables, meta)
-    monkeypatch.setattr(export, 'write_meta_file', fail)
+    monkeypatch.setattr(export.format, 'write_meta_file', fail)
     other = tiny_variables('resnet18', seed=4)
     with pytest.raises(RuntimeError, match='disk full'):
         export.write_export(tmp_path / 'export', other, meta, overwrite=True)
@@ -320,7 +320,7 @@ def test_bad_paths_give_clear_errors(run_dir, tmp_path):
     with pytest.raises(InputError, match='not an export directory, a training checkpoint'):
         export.load_backbone(tmp_path / 'empty')
     with pytest.raises(InputError, match='no checkpoints to export; run the train stage'):
-        export.export_from_config(load_config('demo.py', 'size=tiny'), tmp_path / 'work')
+        stages.export_stage(load_config('demo.py', 'size=tiny'), tmp_path / 'work')
 
     variables = tiny_variables('resnet18')
     meta = export.export_meta(variables, image_size=IMAGE_SIZE, source_kind='random')
@@ -409,19 +409,24 @@ def test_random_export_is_a_fresh_seeded_backbone(tmp_path):
     np.testing.assert_allclose(kernel.std(), np.sqrt(2 / (9 * 32)), rtol=0.05)
 
 
-def test_export_from_config_uses_the_runs_checkpoints_and_reruns_cleanly(run_dir, tmp_path):
+def export_stage(config, workdir):
+    return stages.export_stage(configlib.with_workdir(config, workdir), workdir)
+
+
+def test_export_stage_uses_the_runs_checkpoints_and_reruns_cleanly(run_dir, tmp_path):
     workdir = tmp_path / 'work'
     shutil.copytree(run_dir / 'checkpoints', workdir / 'train' / 'checkpoints')
+    artifacts.StageDir(workdir / 'train', 'train', None).finish({}, {})   # a finished run
     config = load_config('demo.py', 'size=tiny')
-    meta = export.export_from_config(config, workdir)
+    meta = export_stage(config, workdir)
     out = workdir / 'export' / 'vise'
     assert meta['step'] == 7 and meta['source']['path'] == str(workdir / 'train' / 'checkpoints')
     assert meta['torchvision'] == (['torchvision.pth', 'torchvision.safetensors'] if HAS_TORCH
                                    else ['torchvision.safetensors'])
-    assert export.export_from_config(config, workdir) == meta        # unchanged on a rerun
+    assert export_stage(config, workdir) == meta        # unchanged on a rerun
 
     config.export.step = 5                                          # a stale export is replaced
-    assert export.export_from_config(config, workdir)['step'] == 5
+    assert export_stage(config, workdir)['step'] == 5
     assert export.export_checkpoint(workdir / 'train', tmp_path / 'once', step=5)['step'] == 5
     assert_trees_equal(export.load_export(out).variables, expected_backbone(run_dir, 5))
 
@@ -431,7 +436,7 @@ def test_export_from_config_uses_the_runs_checkpoints_and_reruns_cleanly(run_dir
     config.export.source = str(weights)
     config.export.out = '{workdir}/export/imported'
     config.export.torch = False
-    meta = export.export_from_config(config, workdir)
+    meta = export_stage(config, workdir)
     assert meta['source'] == {'kind': 'torchvision', 'path': str(weights), 'config_hash': None}
     assert meta['image_size'] == config.input.image_size and meta['torchvision'] == []
     assert_trees_equal(export.load_export(workdir / 'export' / 'imported').variables,

@@ -20,10 +20,10 @@ from grain.python import SharedMemoryArray
 from PIL import Image
 
 from vise_jax import artifacts, configlib, posts, sharding
-from vise_jax import input as input_lib
+from vise_jax import inputs as input_lib
 from vise_jax.cluster import labels
 from vise_jax.errors import InputError
-from vise_jax.input import pipeline, sources
+from vise_jax.inputs import chain, sources
 from vise_jax.posts import store as store_lib
 
 NUM_POSTS = 40
@@ -207,16 +207,16 @@ def test_epochs_are_reshuffled_and_crops_depend_only_on_seed_epoch_and_post(work
 
 
 def test_augmentation_follows_the_epoch_not_the_position_in_the_stream(workdir):
-    loader = pipeline.BatchLoader(sources.StoreImages(workdir / 'posts'), np.arange(NUM_POSTS),
-                                  pipeline.make_transform(small_config().input, True),
-                                  pipeline.ClassLabels(np.zeros(NUM_POSTS)), seed=0)
+    loader = chain.BatchLoader(sources.StoreImages(workdir / 'posts'), np.arange(NUM_POSTS),
+                                  chain.make_transform(small_config().input, True),
+                                  chain.ClassLabels(np.zeros(NUM_POSTS)), seed=0)
     # Post 7 at positions 1 and 30 (epoch 0), 41 and 79 (epoch 1); post 8 at position 2.
     plan = np.array([[1, 7], [30, 7], [41, 7], [79, 7], [2, 8]])
     image = loader.map(plan)['image']
     np.testing.assert_array_equal(image[0], image[1])
     np.testing.assert_array_equal(image[2], image[3])
     assert not np.array_equal(image[0], image[2])
-    other_seed = pipeline.BatchLoader(loader.images, loader.examples, loader.transform,
+    other_seed = chain.BatchLoader(loader.images, loader.examples, loader.transform,
                                       loader.labels, seed=1)
     assert not np.array_equal(other_seed.map(plan)['image'][0], image[0])
 
@@ -323,9 +323,9 @@ def test_manifest_rows_follow_ingest_and_missing_files_become_bad_images(tmp_pat
     assert post_ids == ['a', 'b', 'c']
     encoded = images.read([0, 1, 2])
     assert encoded[0] == post_image(1) and encoded[1] is None and encoded[2] == post_image(2)
-    loader = pipeline.BatchLoader(images, np.arange(3),
-                                  pipeline.make_transform(small_config().input, False),
-                                  pipeline.ClassLabels(np.array([0, 1, 2])), seed=0)
+    loader = chain.BatchLoader(images, np.arange(3),
+                                  chain.make_transform(small_config().input, False),
+                                  chain.ClassLabels(np.array([0, 1, 2])), seed=0)
     batch = loader.map(np.array([[0, 0], [1, 1], [2, 2], [3, -1]]))
     assert input_lib.BAD_IMAGE_REASONS[batch['bad_image'][1]] == 'missing_file'
     np.testing.assert_array_equal(batch['weight'], [1, 0, 1, 0])
@@ -345,9 +345,9 @@ def test_bad_images_in_a_store_get_weight_zero_and_their_reason(tmp_path):
     store_lib.write_shard(store_dir, 0, rows, posts.REACTION_TYPES)
     store_lib.write_index(store_dir, {0: 4}, posts.REACTION_TYPES, extra={})
     artifacts.StageDir(store_dir, 'ingest', {}).finish({}, {})
-    loader = pipeline.BatchLoader(sources.StoreImages(store_dir), np.arange(4),
-                                  pipeline.make_transform(small_config().input, True),
-                                  pipeline.ClassLabels(np.zeros(4)), seed=0)
+    loader = chain.BatchLoader(sources.StoreImages(store_dir), np.arange(4),
+                                  chain.make_transform(small_config().input, True),
+                                  chain.ClassLabels(np.zeros(4)), seed=0)
     batch = loader.map(np.array([[0, 0], [1, 1], [2, 2], [3, 3]]))
     reasons = [input_lib.BAD_IMAGE_REASONS[c] for c in batch['bad_image']]
     assert reasons == ['ok', 'truncated', 'not_an_image', 'ok']

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from vise_jax import configlib
-from vise_jax import input as input_lib
+from vise_jax import inputs as input_lib
 from vise_jax.errors import InputError
 
 MOODS = ['calm', 'happy', 'sad']

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from vise_jax.errors import InputError
-from vise_jax.input import BAD_IMAGE_REASONS, BadImageTally, targets, transforms
+from vise_jax.inputs import BAD_IMAGE_REASONS, BadImageTally, targets, transforms
+from vise_jax.posts import images
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
@@ -109,7 +110,7 @@ def test_draft_decoding_of_a_large_jpeg_matches_the_full_decode():
     ('RGBA', 'PNG', (200, 40, 10, 255), (200, 40, 10)),
     ('RGBA', 'PNG', (200, 40, 10, 0), (255, 255, 255)),  # transparent: over white
     ('LA', 'PNG', (50, 255), (50, 50, 50)),
-    ('I;16', 'PNG', 100, None),
+    ('I;16', 'PNG', 100, (0, 0, 0)),  # 100 of 65535: near black, as it looks
 ])
 def test_other_modes_are_converted_and_kept(mode, fmt, colour, expected):
     if mode == 'P':
@@ -121,6 +122,116 @@ def test_other_modes_are_converted_and_kept(mode, fmt, colour, expected):
     assert reason(transforms.EvalTransform(16, 10 ** 8)(encode(image, fmt), [], out)) == 'ok'
     if expected is not None:
         np.testing.assert_allclose(out.reshape(-1, 3).mean(0), expected, atol=3)
+
+
+def gradient_f(low: float, high: float) -> Image.Image:
+    return Image.fromarray(np.linspace(low, high, 40 * 30, dtype=np.float32).reshape(30, 40))
+
+
+# Every mode to 8-bit RGB: (image, format to store it in, expected mean colour).
+HIGH_DEPTH_AND_OTHER_MODES = {
+    # 16-bit greyscale is scaled from 0-65535 (PIL's convert('RGB') clips: solid white).
+    'I;16_png': (lambda: Image.fromarray(np.full((30, 40), 40000, np.uint16)), 'PNG', 156),
+    'I;16_png_white': (lambda: Image.fromarray(np.full((30, 40), 65535, np.uint16)), 'PNG', 255),
+    'I;16B_tiff': (lambda: Image.new('I;16B', (40, 30), 40000), 'TIFF', 156),
+    'I_tiff': (lambda: Image.new('I', (40, 30), 40000), 'TIFF', 156),
+    'I_tiff_outside_16_bit': (lambda: Image.fromarray(
+        np.linspace(-10 ** 6, 10 ** 6, 1200).astype(np.int32).reshape(30, 40)), 'TIFF', 127.5),
+    'F_tiff_unit_range': (lambda: Image.new('F', (40, 30), 0.5), 'TIFF', 128),
+    'F_tiff_byte_range': (lambda: Image.new('F', (40, 30), 100.0), 'TIFF', 100),
+    'F_tiff_other_range': (lambda: gradient_f(-500.0, 1500.0), 'TIFF', 127.5),
+    '1_png_white': (lambda: Image.new('1', (40, 30), 1), 'PNG', 255),
+    '1_png_black': (lambda: Image.new('1', (40, 30), 0), 'PNG', 0),
+    'P_png_transparent': (lambda: _palette_image(), 'PNG', 255),
+    'L_png_transparent_colour': (lambda: Image.new('L', (40, 30), 7), 'PNG', 255),
+    'LA_png_half': (lambda: Image.new('LA', (40, 30), (0, 128)), 'PNG', 127),
+    'LAB_tiff_grey': (lambda: Image.new('LAB', (40, 30), (128, 128, 128)), 'TIFF', 119),
+    'YCbCr_jpeg': (lambda: Image.new('YCbCr', (40, 30), (128, 128, 128)), 'JPEG', 128),
+}
+
+
+def _palette_image() -> Image.Image:
+    image = Image.new('P', (40, 30), 0)
+    image.putpalette([10, 20, 30] * 256)
+    return image
+
+
+@pytest.mark.parametrize('case', sorted(HIGH_DEPTH_AND_OTHER_MODES))
+def test_every_mode_decodes_to_8_bit_rgb_not_clipped(case):
+    make, fmt, expected = HIGH_DEPTH_AND_OTHER_MODES[case]
+    image = make()
+    options = {'transparency': image.getpixel((0, 0))} if 'transparen' in case else {}
+    data = encode(image, fmt, **options)
+    out = np.zeros((16, 16, 3), np.uint8)
+    assert reason(transforms.EvalTransform(16, 10 ** 8)(data, [], out)) == 'ok'
+    np.testing.assert_allclose(out.reshape(-1, 3).mean(0), [expected] * 3, atol=2)
+    # The decode ingest validates with is this one.
+    with images.open_image(data, 10 ** 8) as opened:
+        rgb, _ = opened.decode()
+        assert rgb.mode == 'RGB' and rgb.size == (40, 30)
+        np.testing.assert_allclose(np.asarray(rgb, np.float64).mean(), expected, atol=2)
+
+
+QUADRANTS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))  # TL, TR, BL, BR
+
+
+def quadrant_image(width: int = 48, height: int = 32) -> Image.Image:
+    """Red top-left, green top-right, blue bottom-left, white bottom-right."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    h, w = height // 2, width // 2
+    for (top, left), colour in zip([(0, 0), (0, w), (h, 0), (h, w)], QUADRANTS, strict=True):
+        pixels[top:top + h, left:left + w] = colour
+    return Image.fromarray(pixels)
+
+
+# EXIF orientation -> how a camera stores the upright picture (the inverse of the display fix).
+STORED_AS = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+             6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_270}
+
+
+def exif_jpeg(upright: Image.Image, orientation: int) -> bytes:
+    stored = upright if STORED_AS[orientation] is None else upright.transpose(
+        STORED_AS[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stored, 'JPEG', quality=95, exif=exif.tobytes())
+
+
+def assert_quadrants(pixels: np.ndarray) -> None:
+    h, w = pixels.shape[0] // 4, pixels.shape[1] // 4
+    for (row, col), colour in zip([(h, w), (h, 3 * w), (3 * h, w), (3 * h, 3 * w)], QUADRANTS,
+                                  strict=True):
+        np.testing.assert_allclose(pixels[row, col], colour, atol=60)
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_exif_orientation_is_applied_before_cropping(orientation):
+    data = exif_jpeg(quadrant_image(48, 32), orientation)
+    with images.open_image(data, 10 ** 8) as opened:
+        assert (opened.orientation, opened.width, opened.height) == (orientation, 48, 32)
+        rgb, _ = opened.decode()
+        assert rgb.size == (48, 32)
+        assert_quadrants(np.asarray(rgb))
+    # Eval crop of the upright 48x32: shorter side to 16 (24x16), centre 16x16 -> the middle
+    # two thirds of the width, so the quadrants stay where they are.
+    out = np.zeros((16, 16, 3), np.uint8)
+    assert transforms.EvalTransform(16, 10 ** 8, crop_fraction=1.0)(data, [], out) == 0
+    assert_quadrants(out)
+    # A JPEG decoded at a DCT reduction is rotated the same way.
+    big = exif_jpeg(quadrant_image(480, 320), orientation)
+    out = np.zeros((16, 16, 3), np.uint8)
+    assert transforms.EvalTransform(16, 10 ** 8, crop_fraction=1.0)(big, [], out) == 0
+    assert_quadrants(out)
+
+
+def test_broken_exif_reads_as_upright():
+    data = bytearray(exif_jpeg(quadrant_image(), 6))
+    start = data.find(b'Exif\x00\x00') + 6
+    data[start:start + 4] = b'ZZZZ'  # neither II nor MM: not a TIFF header
+    with images.open_image(bytes(data), 10 ** 8) as opened:
+        assert opened.orientation == 1 and (opened.width, opened.height) == (32, 48)
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

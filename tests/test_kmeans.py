@@ -1,5 +1,6 @@
 """JAX k-means against scikit-learn and a numpy reference, on 8 fake CPU devices."""
 
+import logging
 import os
 import socket
 import subprocess
@@ -12,6 +13,8 @@ from sklearn.cluster import KMeans
 
 from vise_jax import precision, sharding
 from vise_jax.cluster import kmeans
+from vise_jax.cluster.kmeans import checks as kmeans_checks
+from vise_jax.cluster.kmeans import matmul as kmeans_matmul
 from vise_jax.errors import InputError
 
 
@@ -93,9 +96,9 @@ def test_bfloat16_3x_products_are_float32_to_about_1e5():
     x = rng.normal(size=(300, 384)).astype(np.float32)
     c = rng.normal(size=(50, 384)).astype(np.float32)
     mesh = one_device_mesh()
-    split_rows = kmeans._split_rows_fn(mesh)(jax.device_put(x))
+    split_rows = kmeans_matmul.split_rows_fn(mesh)(jax.device_put(x))
     products = jax.lax.dot_general(
-        kmeans._matmul_lhs(jax.numpy.asarray(c), split=True),
+        kmeans_matmul.matmul_lhs(jax.numpy.asarray(c), split=True),
         jax.lax.bitcast_convert_type(split_rows, jax.numpy.bfloat16), (((1,), (1,)), ((), ())),
         preferred_element_type=jax.numpy.float32)
     exact = c.astype(np.float64) @ x.T.astype(np.float64)
@@ -322,6 +325,82 @@ def test_bad_batches_are_named_with_their_global_row():
 def test_assign_of_nothing_is_empty():
     ids, distances = kmeans.assign(np.zeros((0, 3), np.float32), np.eye(3, dtype=np.float32))
     assert ids.shape == distances.shape == (0,)
+
+
+def test_cosine_rows_of_extreme_norm_cluster_by_their_direction():
+    """Rows at 1e-20 (float32 squares underflow), 1e-42 (subnormal values) or 1e25 (squares
+    overflow) have a direction like any other: they cluster as if they were unit rows."""
+    x, _ = blobs(400, 6, 4, seed=31, separation=5.0)
+    hostile = x.copy()
+    hostile[:100] *= np.float32(1e-20)
+    hostile[100:110] = (x[100:110].astype(np.float64) * 1e-42).astype(np.float32)
+    hostile[110:150] *= np.float32(1e25)
+    kept = hostile.copy()
+    ours = kmeans.fit(hostile, options(4, metric='cosine', seed=2))
+    reference = kmeans.fit(x, options(4, metric='cosine', seed=2))
+    np.testing.assert_array_equal(hostile, kept)  # the caller's rows are left as they were
+    assert np.isfinite(ours.centroids).all() and ours.empty_clusters == 0
+    np.testing.assert_allclose(ours.centroids, reference.centroids, atol=1e-3)
+    # The subnormal rows keep ~3 digits of their direction; the others all of it.
+    ids, distances = kmeans.assign(hostile, ours.centroids, metric='cosine')
+    reference_ids, reference_distances = kmeans.assign(x, ours.centroids, metric='cosine')
+    np.testing.assert_array_equal(ids, reference_ids)
+    np.testing.assert_allclose(distances, reference_distances, atol=1e-3)
+    np.testing.assert_array_equal(ours.counts, np.bincount(ids, minlength=4))
+    mini = kmeans.fit_minibatch(np.array_split(hostile, 4), options(4, metric='cosine'))
+    assert np.isfinite(mini.centroids).all() and mini.counts.sum() == 400
+
+
+def test_ordinary_rows_pass_the_checks_untouched():
+    x, _ = blobs(300, 8, 3, seed=32)
+    for scale in (1e-9, 1.0, 1e9):
+        rows = x * np.float32(scale)
+        for metric in kmeans.METRICS:
+            assert kmeans_checks.checked_rows(rows, metric, 'k-means') is rows
+
+
+def test_euclidean_rows_beyond_float32_arithmetic_are_named():
+    x, _ = blobs(200, 4, 3, seed=33)
+    huge = x.copy()
+    huge[[40, 90]] *= np.float32(1e19)  # squared norms ~1e38 and more: distances overflow
+    with raises(r'k-means \(euclidean\): 2 rows have a squared norm too large for float32 '
+                r'arithmetic \(first at row 40: .*\); .* scale the rows down'):
+        kmeans.fit(huge, options(3))
+    with raises(r'k-means assign \(euclidean\): 1 row has a squared norm too large .*'
+                r'first at row 90'):
+        kmeans.assign([x[:50], huge[50:]], x[:3])  # row 90 is the second batch's 40th
+    with raises(r'mini-batch \(euclidean\): 2 rows have a squared norm too large'):
+        kmeans.fit_minibatch(huge, options(3))
+    # Each row within the limit, but their squared distances to the mean sum past float32's.
+    directions = np.random.default_rng(0).normal(size=(1000, 4))
+    far = (4e18 * directions / np.linalg.norm(directions, axis=1, keepdims=True))
+    with raises(r"squared distances to their mean sum beyond float32's range"):
+        kmeans.fit(far.astype(np.float32), options(3))
+    # Rows so small that their squared distances underflow would all look alike.
+    with raises(r'k-means \(euclidean\): every value of the rows is below 2\^-40 .* '
+                r'\(the largest is .*e-2\d\).*scale the rows up'):
+        kmeans.fit(x * np.float32(1e-25), options(3))
+    kmeans.fit(np.zeros((10, 4), np.float32), options(1))  # all-zero rows are merely alike
+
+
+def test_more_clusters_than_distinct_rows_is_reported(caplog):
+    x, _ = blobs(60, 5, 3, seed=34)
+    three_values = np.repeat(x[:3], 20, axis=0)
+    with caplog.at_level(logging.WARNING, logger='vise_jax.cluster.kmeans'):
+        for init in ('k-means++', 'random'):  # k-means|| ends in a k-means++ of its own
+            result = kmeans.fit(three_values, options(5, init=init))
+            assert result.empty_clusters == 2 == np.count_nonzero(result.counts == 0)
+        mini = kmeans.fit_minibatch(three_values, options(5), batch_rows=16)
+        assert mini.empty_clusters == np.count_nonzero(mini.counts == 0) >= 2
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno == logging.WARNING]
+    assert len(warnings) == 3
+    assert 'k-means k=5: 2 cluster(s) ended with no rows' in warnings[0]
+    assert 'fewer than k distinct values' in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='vise_jax.cluster.kmeans'):
+        clean = kmeans.fit(x, options(3))
+    assert clean.empty_clusters == 0 and not caplog.records
 
 
 PROCESS_SCRIPT = '''

@@ -56,7 +56,7 @@ def test_head_weights_default_to_one_and_check_names():
     assert loop.head_weights('reactions_k8=0.5', heads)['reactions_k8'] == 0.5
     with pytest.raises(InputError, match="unknown head 'comments_k99'"):
         loop.head_weights('comments_k99=1', heads)
-    with pytest.raises(InputError, match='not name=number'):
+    with pytest.raises(InputError, match="'x' is not a number"):
         loop.head_weights('reactions_k8=x', heads)
 
 

@@ -2,12 +2,13 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
 from conftest import load_config, run_launch
 
-from vise_jax import artifacts, pipeline, posts
+from vise_jax import artifacts, posts, stages
 from vise_jax.cluster import clustering, kmeans, labels
 from vise_jax.demo import writer
 
@@ -80,7 +81,7 @@ def test_command_line_runs_every_stage_on_the_tiny_world(tmp_path):
     again = run_launch('pipeline.py', f'--config=configs/demo.py:{TINY}', f'--workdir={tmp_path}')
     assert again.returncode == 0
     # Every stage skipped, the baselines' parts included; no export rewritten.
-    for name in [*pipeline.STAGES, 'supervised_labels']:
+    for name in [*stages.STAGES, 'supervised_labels']:
         if name != 'baselines':
             assert f'{name}: up to date' in again.stderr, name
     assert again.stderr.count('train: up to date') == 2
@@ -106,7 +107,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     for name, seed in (('a', 0), ('b', 0), ('c', 1)):
         config = tiny_config()
         config.seed = seed
-        pipeline.run(config, tmp_path / name, stages=['demo_world'])
+        stages.run(config, tmp_path / name, stages=['demo_world'])
     assert tree_digest(tmp_path / 'a' / 'world') == tree_digest(tmp_path / 'b' / 'world')
     digest_c = tree_digest(tmp_path / 'c' / 'world')
     assert digest_c.keys() == tree_digest(tmp_path / 'a' / 'world').keys()
@@ -128,26 +129,26 @@ def count_written_posts(monkeypatch, die_after=None):
 
 
 def test_interrupted_world_resumes_to_identical_bytes(tmp_path, monkeypatch):
-    pipeline.run(tiny_config(), tmp_path / 'reference', stages=['demo_world'])
+    stages.run(tiny_config(), tmp_path / 'reference', stages=['demo_world'])
     with monkeypatch.context() as patch:
         count_written_posts(patch, die_after=40)
         with pytest.raises(KeyboardInterrupt):
-            pipeline.run(tiny_config(), tmp_path / 'run', stages=['demo_world'])
+            stages.run(tiny_config(), tmp_path / 'run', stages=['demo_world'])
     assert not (tmp_path / 'run' / 'world' / artifacts.STAGE_RECORD).exists()
 
     resumed = count_written_posts(monkeypatch)
-    pipeline.run(tiny_config(), tmp_path / 'run', stages=['demo_world'])
+    stages.run(tiny_config(), tmp_path / 'run', stages=['demo_world'])
     # Chunks of 16 posts: the first two chunks (32 posts) were committed and are not redone.
     assert len(resumed) == 48 + 80 + 40 - 32
     assert tree_digest(tmp_path / 'run' / 'world') == tree_digest(tmp_path / 'reference' / 'world')
 
 
 def test_changed_config_rebuilds_downstream_stages(tmp_path):
-    pipeline.run(tiny_config(), tmp_path, stages=['demo_world', 'ingest'])
+    stages.run(tiny_config(), tmp_path, stages=['demo_world', 'ingest'])
     before = posts.PostsStore(tmp_path / 'posts')[0].image
     config = tiny_config()
     config.demo.world.image_size = 32
-    pipeline.run(config, tmp_path, stages=['demo_world', 'ingest'])
+    stages.run(config, tmp_path, stages=['demo_world', 'ingest'])
     after = posts.PostsStore(tmp_path / 'posts')[0]
     assert after.image != before and after.image_info.width == 32
 
@@ -165,12 +166,13 @@ def test_bad_manifest_on_the_command_line_names_line_and_field(manifest_maker, t
 def test_a_stage_before_its_inputs_says_which_stage_to_run(tmp_path):
     result = run_launch('cluster.py', f'--config=configs/demo.py:{TINY}', f'--workdir={tmp_path}')
     assert result.returncode == 2
-    assert 'is not finished: run the ingest stage first' in result.stderr
+    assert re.search(r'start with the demo_world stage: python \S*launch/generate_demo.py '
+                     r'--config=configs/demo.py', result.stderr)
     assert 'Traceback' not in result.stderr
 
 
 def test_interrupted_cluster_stage_keeps_finished_heads(tmp_path, monkeypatch):
-    pipeline.run(tiny_config(), tmp_path, stages=['demo_world', 'ingest', 'embed'])
+    stages.run(tiny_config(), tmp_path, stages=['demo_world', 'ingest', 'embed'])
 
     def killed(*args):
         raise KeyboardInterrupt('killed')
@@ -178,13 +180,13 @@ def test_interrupted_cluster_stage_keeps_finished_heads(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(clustering, '_reaction_head', killed)
         with pytest.raises(KeyboardInterrupt):
-            pipeline.run(tiny_config(), tmp_path, stages=['cluster'])
+            stages.run(tiny_config(), tmp_path, stages=['cluster'])
     assert not (tmp_path / 'labels' / artifacts.STAGE_RECORD).exists()
     finished = {p.stem for p in (tmp_path / 'labels' / 'heads').glob('*.json')}
     assert finished == {'comments_k4', 'comments_k8'}
 
     monkeypatch.setattr(clustering, '_comment_head', killed)  # must not run again
-    pipeline.run(tiny_config(), tmp_path, stages=['cluster'])
+    stages.run(tiny_config(), tmp_path, stages=['cluster'])
     label_store = labels.LabelStore(tmp_path / 'labels')
     assert label_store.head_names == ['comments_k4', 'comments_k8', 'reactions_k3']
     assert '## comments_k4' in (tmp_path / 'labels' / 'report' / 'report.md').read_text()

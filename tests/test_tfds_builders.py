@@ -2,7 +2,7 @@
 
 Each test writes a manual_dir in the release's own layout (a few generated images plus the
 annotation files), builds it into a temporary data_dir (ArrayRecord, no TensorFlow) and reads
-it through vise_jax.input.tfds_images, matching every image's bytes to its expected label.
+it through vise_jax.inputs.tfds_images, matching every image's bytes to its expected label.
 """
 
 import io
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vise_jax import input as input_lib
+from vise_jax import inputs as input_lib
 from vise_jax.errors import InputError
-from vise_jax.input.sources import MULTI_LABEL, SINGLE_LABEL
+from vise_jax.inputs.sources import MULTI_LABEL, SINGLE_LABEL
 
 DATA = Path(__file__).resolve().parents[1] / 'data'
 if str(DATA) not in sys.path:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_config, run_launch
 
-from vise_jax import pipeline
+from vise_jax import stages
 from vise_jax.errors import InputError, TrainingError
 from vise_jax.train import loop
 from vise_jax.train.metrics import read_metrics
@@ -32,7 +32,7 @@ def tiny(**overrides):
 
 
 def test_train_stage_logs_every_head_evaluates_and_checkpoints(workdir):
-    record = pipeline.run(tiny(), workdir, ['train'])['train']
+    record = stages.run(tiny(), workdir, ['train'])['train']
     assert record['summary']['final_step'] == record['summary']['total_steps'] == 4
     out = workdir / 'train'
     records = read_metrics(out / 'metrics.jsonl')
@@ -54,10 +54,10 @@ def test_train_stage_logs_every_head_evaluates_and_checkpoints(workdir):
 
 
 def test_rerun_skips_and_a_longer_schedule_continues_from_the_checkpoint(workdir):
-    pipeline.run(tiny(), workdir, ['train'])
-    record = pipeline.run(tiny(), workdir, ['train'])['train']   # skipped: same record
+    stages.run(tiny(), workdir, ['train'])
+    record = stages.run(tiny(), workdir, ['train'])['train']   # skipped: same record
     assert record['summary']['final_step'] == 4
-    longer = pipeline.run(tiny(train__epochs=3), workdir, ['train'])['train']
+    longer = stages.run(tiny(train__epochs=3), workdir, ['train'])['train']
     assert longer['summary']['final_step'] == 6
     steps = [r['step'] for r in read_metrics(workdir / 'train' / 'metrics.jsonl')
              if r['split'] == 'train']
@@ -65,9 +65,9 @@ def test_rerun_skips_and_a_longer_schedule_continues_from_the_checkpoint(workdir
 
 
 def test_checkpoint_of_another_model_is_refused(workdir):
-    pipeline.run(tiny(), workdir, ['train'])
+    stages.run(tiny(), workdir, ['train'])
     with pytest.raises(InputError, match="checkpoint was made for model='resnet18'"):
-        pipeline.run(tiny(model__name='resnet34', train__epochs=3), workdir, ['train'])
+        stages.run(tiny(model__name='resnet34', train__epochs=3), workdir, ['train'])
 
 
 def test_resume_continues_exactly_where_the_run_stopped(workdir, tmp_path):
@@ -93,8 +93,9 @@ def test_non_finite_loss_stops_the_run_naming_step_and_head(workdir):
 def test_launch_script_reports_a_missing_stage_cleanly(tmp_path):
     result = run_launch('train.py', '--config=configs/demo.py:size=tiny', f'--workdir={tmp_path}')
     assert result.returncode == 2
-    # Which missing stage is named first is the pipeline's choice (labels, then posts, today).
-    assert re.search(r'error: .* is not finished: run the \w+ stage first', result.stderr)
+    # The message names what train needs and the first stage of the chain that is missing.
+    assert re.search(r'error: train needs .*; start with the demo_world stage: python \S*'
+                     r'launch/generate_demo.py', result.stderr)
     assert 'Traceback' not in result.stderr
 
 

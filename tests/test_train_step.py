@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from vise_jax import input as input_lib
+from vise_jax import inputs as input_lib
 from vise_jax import sharding
 from vise_jax.train import losses, optim
 from vise_jax.train import state as state_lib
@@ -178,7 +178,9 @@ def test_sharded_data_and_fsdp_equal_one_device():
         mesh = sharding.make_mesh(data, fsdp)
         got, got_losses = run_steps(mesh, batches)
         np.testing.assert_allclose(got_losses, expected_losses, rtol=1e-5)
-        assert_trees_close(got.params, expected.params)
+        # Sharded reductions add in another order: after three steps a parameter may move by
+        # ~2e-6 (a wrong sharding moves them by 1e-2 and more).
+        assert_trees_close(got.params, expected.params, atol=1e-5)
         assert_trees_close(got.batch_stats, expected.batch_stats)
 
 

@@ -23,7 +23,9 @@ from etils import epath
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / 'tests' / 'run_training_process.py'
-TIMEOUT_S = 240
+# A run's whole deadline: a tiny run takes under a minute alone, several on a loaded 2-core
+# machine (compiles included); a sibling's failure ends the wait sooner (_wait).
+TIMEOUT_S = 900
 
 
 @dataclasses.dataclass

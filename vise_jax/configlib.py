@@ -10,7 +10,7 @@ import dataclasses
 
 import ml_collections
 
-from vise_jax.demo.world import WorldSpec
+from vise_jax.demo.spec import WorldSpec
 from vise_jax.posts.schema import REACTION_TYPES
 
 
@@ -50,6 +50,23 @@ def expand_workdir(value: str, workdir) -> str:
     return value.replace('{workdir}', str(workdir))
 
 
+def with_workdir(config: ml_collections.ConfigDict, workdir) -> ml_collections.ConfigDict:
+    """A copy of `config` with '{workdir}' expanded in every string, tuples of strings included.
+
+    Done once where a stage reads its config, so the library only ever sees plain paths.
+    """
+    def expand(value):
+        if isinstance(value, str):
+            return expand_workdir(value, workdir)
+        if isinstance(value, tuple | list):
+            return type(value)(expand(item) for item in value)
+        if isinstance(value, dict):
+            return {key: expand(item) for key, item in value.items()}
+        return value
+
+    return ml_collections.ConfigDict(expand(config.to_dict()))
+
+
 def demo_world_knobs() -> dict:
     """The demo world's generator knobs, straight from WorldSpec (its seed is config.seed)."""
     knobs = dataclasses.asdict(WorldSpec())
@@ -70,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.demo.num_downstream_test = 1000
     config.demo.posts_per_chunk = 500         # unit of resumption while writing
     config.demo.jpeg_quality = 90
+    config.demo.world_seed = -1               # -1 = config.seed; a sweep fixes it across seeds
     config.demo.world = demo_world_knobs()
 
     # Where the posts come from: JSONL manifest(s) (comma-separated, globs allowed).
@@ -84,6 +102,23 @@ def default_config() -> ml_collections.ConfigDict:
     config.ingest.max_rejected_fraction = 0.05
     config.ingest.rows_per_shard = 10_000
     config.ingest.num_threads = 8
+    # 'local': one process with a thread pool; 'beam': an Apache Beam pipeline (pip install -e
+    # '.[beam]') writing the same store, for inputs too big for one machine (docs/scaling.md).
+    config.ingest.runner = 'local'
+    # Beam's pipeline options, '--flag=value ...' (runner='beam' only). Without --runner, the
+    # FnApiRunner in this process; e.g. '--runner=DataflowRunner --project=P --region=R ...'.
+    config.ingest.beam_options = ''
+    # Limits on one row (docs/data_format.md); an image over input.max_image_pixels is rejected
+    # at ingest too, since training could never use it.
+    config.ingest.max_row_bytes = 128 * 2 ** 20   # a longer manifest line is rejected unread
+    config.ingest.max_image_bytes = 64 * 2 ** 20  # a larger image file or image_b64 is rejected
+    config.ingest.confine_images = False      # True: reject image paths (symlinks resolved)
+                                              # outside posts.image_root / the manifest's folder
+    # Re-encoding at ingest: 0 keeps each image's file bytes; N > 0 stores an upright RGB JPEG
+    # whose `resize_side` ('shorter' or 'longer') side is at most N px (never upsampled).
+    config.ingest.max_side = 0
+    config.ingest.resize_side = 'shorter'
+    config.ingest.jpeg_quality = 90
 
     # Comment embedding (launch/embed.py).
     config.embed = ml_collections.ConfigDict()
@@ -190,6 +225,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.experiment = ml_collections.ConfigDict()
     config.experiment.baselines = ()          # 'supervised' and/or 'random'
     config.experiment.supervised_labels = ''  # 'CSV:COLUMN', rows id,<column>: one class per post
+    # Seeds and ablations (launch/sweep.py, vise_jax/sweep.py): the experiment once per seed
+    # and variant, reported as mean +- std. A variant is a partial config merged onto this one,
+    # e.g. {'comments_only': {'cluster': {'reaction_ks': ()}}}; none = this config alone.
+    config.experiment.seeds = ()              # () = config.seed alone
+    config.experiment.variants = ml_collections.ConfigDict()
+    config.experiment.vary_world = False      # True: a demo world per seed; False: one world
 
     # Device mesh: -1 takes every remaining device.
     config.mesh = ml_collections.ConfigDict()

@@ -3,7 +3,7 @@
 Each builder reads a dataset its publishers distribute by hand (a form, an email, a script
 that fetches the images) from a `manual_dir` laid out as the release unpacks, checks every
 annotation row before anything is written, and writes ArrayRecord files (no TensorFlow needed),
-which `tfds.data_source` and `vise_jax.input.tfds_images` read with the image bytes undecoded.
+which `tfds.data_source` and `vise_jax.inputs.tfds_images` read with the image bytes undecoded.
 
 Errors name the file and row: `AnnotationError` (an InputError, so launch scripts print it
 without a traceback). Where a dataset publishes no split, `splits/<split>.txt` lists in the

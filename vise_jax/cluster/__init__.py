@@ -1,4 +1,4 @@
-"""Clustering of engagement signals: k-means in JAX (kmeans.py), sharded over a device mesh."""
+"""Clustering of engagement signals: k-means in JAX (kmeans/), sharded over a device mesh."""
 
 from vise_jax.cluster.kmeans import KMeansOptions, KMeansResult, assign, fit, fit_minibatch
 

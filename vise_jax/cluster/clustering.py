@@ -1,24 +1,36 @@
 """From comment embeddings and reaction counts to pseudo labels, centroids and the report.
 
-Comments: k-means (cosine) fitted on a sample of the embeddings for each K, then every comment
-assigned in streaming batches. Reactions: the per-post profile (labels.reaction_features)
-clustered for each K over the posts that have reactions.
+Comments: for each K, k-means (cosine) fitted on one sample of the embeddings (drawn once for all
+Ks; the centroids are saved as soon as they are fitted). Then one streamed pass over the
+embedding shards assigns every comment to every pending K: each shard is read once and assigned
+against each K's centroids, its ids are appended to each head's label files
+(labels.CommentLabelsWriter) and the report's figures accumulate: cluster sizes, the comments
+nearest each centroid (report.NearestMembers, a bounded candidate set) and the contingency
+tables against known factors. Memory: one shard, the centroids and k * max(nearest_per_cluster,
+report.EXAMPLE_CANDIDATES) candidates per head; never every comment's id or post.
+
+Reactions: the per-post profile (labels.reaction_features) clustered for each K over the posts
+that have reactions; the (posts, reaction types) counts are held in memory.
+
+The posts store is read once, streamed, for the post-id digest the labels are aligned with, the
+reaction counts and (with cluster.latents) the post ids; the texts of the nearest comments are
+read afterwards by random access (k * nearest_per_cluster posts per head).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
+import tqdm
 
 from vise_jax import artifacts
 from vise_jax.cluster import kmeans, labels, report
-from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError
 from vise_jax.posts import PostsStore
 from vise_jax.text import EmbeddingShards
@@ -39,11 +51,11 @@ class ClusterSettings:
     matmul_precision: str = kmeans.FLOAT32
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, workdir: Path) -> ClusterSettings:
+    def from_config(cls, config: ml_collections.ConfigDict) -> ClusterSettings:
         c = config.cluster
         return cls(tuple(c.comment_ks), tuple(c.reaction_ks), c.fit_sample, c.init, c.max_iters,
                    c.tol, c.reaction_log_total, c.nearest_per_cluster,
-                   expand_workdir(c.latents, workdir), config.seed, c.matmul_precision)
+                   c.latents, config.seed, c.matmul_precision)
 
     def kmeans_options(self, k: int, metric: str) -> kmeans.KMeansOptions:
         return kmeans.KMeansOptions(k=k, metric=metric, max_iters=self.max_iters, tol=self.tol,
@@ -53,56 +65,98 @@ class ClusterSettings:
 
 def make_labels(store: PostsStore, shards: EmbeddingShards, out: Path,
                 settings: ClusterSettings, mesh=None) -> dict[str, Any]:
-    """Writes <head>.npz, centroids, labels.json and report/ into `out`; returns a summary."""
-    metas = list(store.iter_meta())
-    latents = _read_latents(settings.latents, [m.id for m in metas])
-    # Inputs shared by every K, read once (and only when a head still has to be made).
-    comments = functools.cache(lambda: _CommentRows(shards.post_index(), shards.comment_number()))
-    reactions = functools.cache(lambda: _reaction_rows(metas, store.reaction_types, settings))
+    """Writes <head>/ (label arrays), centroids, labels.json and report/ into `out`; returns a
+    summary."""
+    comment_heads = {labels.head_name(labels.COMMENTS, k): k for k in settings.comment_ks}
+    reaction_heads = {labels.head_name(labels.REACTIONS, k): k for k in settings.reaction_ks}
+    # Each finished head is committed (its heads/<head>.json last), so an interrupted stage
+    # resumes at the first unfinished one.
+    pending = {name for name in [*comment_heads, *reaction_heads]
+               if not _head_record(out, name).exists()}
+    posts = _read_posts(store, reactions=bool(pending & set(reaction_heads)),
+                        ids=bool(settings.latents and pending))
+    latents = _read_latents(settings.latents, posts.ids) if posts.ids is not None else {}
+    records = {}
+    comments_todo = {name: k for name, k in comment_heads.items() if name in pending}
+    if comments_todo:
+        centroids = _comment_centroids(comments_todo, shards, out, settings, mesh)
+        passes = assign_comment_heads(shards, centroids, out, posts.num_posts, settings, latents,
+                                      mesh)
+        for name, k in comments_todo.items():
+            summary = _comment_head(name, k, passes[name], store, settings.nearest_per_cluster)
+            records[name] = _commit(out, name, labels.COMMENTS, k, centroids[name], summary,
+                                    settings, shards, mesh)
+    rows = None   # shared by every reaction K
+    for name, k in reaction_heads.items():
+        if name in pending:
+            if rows is None:
+                rows = _reaction_rows(posts.reactions, settings)
+            head, summary, centroids = _reaction_head(k, rows, len(store.reaction_types),
+                                                      settings, latents, mesh)
+            labels.save_head(out, head)
+            records[name] = _commit(out, name, labels.REACTIONS, k, centroids, summary, settings,
+                                    shards, mesh)
     heads_index, summaries = {}, []
-    work = [(labels.head_name(labels.COMMENTS, k),
-             lambda k=k: _comment_head(k, metas, shards, comments(), settings, latents, mesh))
-            for k in settings.comment_ks]
-    work += [(labels.head_name(labels.REACTIONS, k),
-              lambda k=k: _reaction_head(k, reactions(), len(store.reaction_types), settings,
-                                         latents, mesh))
-             for k in settings.reaction_ks]
-    for name, make_head in work:
-        # Each finished head is committed (its .json last), so an interrupted stage resumes here.
-        if not _head_record(out, name).exists():
-            head, summary, centroids = make_head()
-            info = {'kind': head.kind, 'k': head.k,
-                    'centroid_hash': labels.array_digest(centroids),
-                    'matmul_precision': kmeans.resolve_matmul_precision(
-                        settings.matmul_precision, mesh)}
-            info.update({'encoder': shards.encoder} if head.kind == labels.COMMENTS
-                        else {'log_total': settings.reaction_log_total})
-            _save(out, head, centroids)
-            artifacts.atomic_write_json(_head_record(out, name),
-                                        {'info': info, 'summary': summary.to_json()})
-        record = artifacts.read_json(_head_record(out, name))
+    for name in [*comment_heads, *reaction_heads]:
+        record = records.get(name) or artifacts.read_json(_head_record(out, name))
         heads_index[name] = record['info']
         summaries.append(report.HeadSummary.from_json(record['summary']))
-    labels.write_index(out, len(metas), labels.post_ids_digest(m.id for m in metas), heads_index)
+    labels.write_index(out, posts.num_posts, posts.digest, heads_index)
     return {'heads': heads_index,
-            'report': report.write_report(out, summaries, store.reaction_types)}
+            'report': report.write_report(out, summaries, store.reaction_types,
+                                          store.image_bytes)}
 
 
 def _head_record(out: Path, name: str) -> Path:
     return out / 'heads' / f'{name}.json'
 
 
-def _save(out: Path, head: labels.HeadLabels, centroids: np.ndarray) -> None:
-    labels.save_head(out, head)
-    (out / 'centroids').mkdir(exist_ok=True)
-    with artifacts.atomic_path(out / 'centroids' / f'{head.name}.npy') as tmp, \
-            open(tmp, 'wb') as f:
+def _centroids_path(out: Path, name: str) -> Path:
+    return out / 'centroids' / f'{name}.npy'
+
+
+def _commit(out: Path, name: str, kind: str, k: int, centroids: np.ndarray,
+            summary: report.HeadSummary, settings: ClusterSettings, shards: EmbeddingShards,
+            mesh) -> dict[str, Any]:
+    """Saves the centroids, then the head's record (its completion mark); returns the record."""
+    info = {'kind': kind, 'k': k, 'centroid_hash': labels.array_digest(centroids),
+            'matmul_precision': kmeans.resolve_matmul_precision(settings.matmul_precision, mesh)}
+    info.update({'encoder': shards.encoder} if kind == labels.COMMENTS
+                else {'log_total': settings.reaction_log_total})
+    _save_centroids(out, name, centroids)
+    record = {'info': info, 'summary': summary.to_json()}
+    artifacts.atomic_write_json(_head_record(out, name), record)
+    return record
+
+
+def _save_centroids(out: Path, name: str, centroids: np.ndarray) -> None:
+    with artifacts.atomic_path(_centroids_path(out, name)) as tmp, open(tmp, 'wb') as f:
         np.save(f, centroids)
 
 
-class _CommentRows(NamedTuple):
-    post_index: np.ndarray       # per embedded comment, its post
-    comment_number: np.ndarray   # and its position among that post's comments
+class _Posts(NamedTuple):
+    num_posts: int
+    digest: str                     # labels.post_ids_digest of the store's posts
+    reactions: np.ndarray | None    # (posts, reaction types) float64 counts, when asked for
+    ids: list[str] | None           # the post ids, when asked for
+
+
+def _read_posts(store: PostsStore, *, reactions: bool, ids: bool) -> _Posts:
+    """One streamed pass over the store's metadata; keeps only what is asked for."""
+    types = store.reaction_types
+    counts = np.zeros((len(store), len(types)), np.float64) if reactions else None
+    kept_ids: list[str] | None = [] if ids else None
+
+    def each_id():
+        for index, post in enumerate(store.iter_meta()):
+            if counts is not None:
+                counts[index] = [post.reactions[t] for t in types]
+            if kept_ids is not None:
+                kept_ids.append(post.id)
+            yield post.id
+
+    digest = labels.post_ids_digest(each_id())
+    return _Posts(len(store), digest, counts, kept_ids)
 
 
 class _ReactionRows(NamedTuple):
@@ -110,43 +164,112 @@ class _ReactionRows(NamedTuple):
     has_signal: np.ndarray       # (posts,) bool
 
 
-def _reaction_rows(metas, reaction_types, settings: ClusterSettings) -> _ReactionRows:
-    counts = np.array([[m.reactions[t] for t in reaction_types] for m in metas], np.float64)
+def _reaction_rows(counts: np.ndarray, settings: ClusterSettings) -> _ReactionRows:
     features, has_signal = labels.reaction_features(counts, settings.reaction_log_total)
     return _ReactionRows(features[has_signal], has_signal)
 
 
-def _comment_head(k, metas, shards, rows: _CommentRows, settings, latents, mesh):
-    name = labels.head_name(labels.COMMENTS, k)
-    result = _fit(name, shards.sample(settings.fit_sample, seed=settings.seed),
-                  settings.kmeans_options(k, 'cosine'), mesh)
-    ids, distances = kmeans.assign((embeddings for embeddings, _, _ in shards), result.centroids,
-                                   metric='cosine', mesh=mesh,
-                                   matmul_precision=settings.matmul_precision)
-    post_index, comment_number = rows
-    head = labels.comment_head(k, len(metas), post_index, ids)
-    nearest = [[metas[post_index[j]].comments[comment_number[j]] for j in members]
-               for members in report.nearest_members(ids, distances, k,
-                                                     settings.nearest_per_cluster)]
-    summary = report.HeadSummary(
-        name, labels.COMMENTS, k, np.bincount(ids, minlength=k), nearest_texts=nearest,
-        agreement={factor: report.agreement(ids, truth[post_index])
-                   for factor, truth in latents.items()})
-    return head, summary, result.centroids
+def _comment_centroids(heads: dict[str, int], shards: EmbeddingShards, out: Path,
+                       settings: ClusterSettings, mesh) -> dict[str, np.ndarray]:
+    """Each head's centroids: fitted on one sample shared by every K, saved at once (a resumed
+    stage reuses them), or read back when an interrupted run saved them."""
+    centroids, sample = {}, None
+    for name, k in heads.items():
+        path = _centroids_path(out, name)
+        if path.exists():
+            centroids[name] = np.load(path)
+            continue
+        if sample is None:
+            sample = shards.sample(settings.fit_sample, seed=settings.seed)
+        centroids[name] = _fit(name, sample, settings.kmeans_options(k, 'cosine'), mesh).centroids
+        _save_centroids(out, name, centroids[name])
+    return centroids
+
+
+@dataclasses.dataclass
+class CommentPass:
+    """What the assignment pass gathers for one comment head, besides its label files."""
+
+    sizes: np.ndarray                          # (k,) comments per cluster
+    nearest: report.NearestMembers             # payload: (post_index, comment_number)
+    contingency: dict[str, np.ndarray]         # per known factor, (classes, k) counts
+
+
+def assign_comment_heads(shards: EmbeddingShards, centroids: dict[str, np.ndarray], out: Path,
+                         num_posts: int, settings: ClusterSettings,
+                         latents: dict[str, np.ndarray], mesh=None) -> dict[str, CommentPass]:
+    """Assigns every comment to every head's centroids in one pass over the embeddings.
+
+    Each shard is read once; its ids go to `<head>/ids.npy` and `<head>/offsets.npy` (written
+    shard by shard, renamed into place when the pass ends) and into the returned figures.
+    """
+    passes = {name: CommentPass(
+        np.zeros(len(c), np.int64),
+        # Enough nearest comments for the texts and for the contact sheet's distinct posts.
+        report.NearestMembers(
+            len(c), max(settings.nearest_per_cluster, report.EXAMPLE_CANDIDATES), 2),
+        {factor: np.zeros((int(truth.max(initial=-1)) + 1, len(c)), np.int64)
+         for factor, truth in latents.items()})
+        for name, c in centroids.items()}
+    with contextlib.ExitStack() as stack:
+        writers = {name: stack.enter_context(
+            labels.CommentLabelsWriter(out, len(c), num_posts, len(shards)))
+            for name, c in centroids.items()}
+        bar = stack.enter_context(tqdm.tqdm(total=len(shards), unit='comment', unit_scale=True,
+                                            desc=f'assign ({len(centroids)} Ks)'))
+        for number in range(shards.num_shards):
+            embeddings, post_index, comment_number = shards.shard(number)
+            if not len(post_index):
+                continue
+            embeddings = np.asarray(embeddings)   # the one read of this shard
+            payload = np.stack([post_index, comment_number], axis=1)
+            for name, head_centroids in centroids.items():
+                ids, distances = kmeans.assign([embeddings], head_centroids, metric='cosine',
+                                               mesh=mesh,
+                                               matmul_precision=settings.matmul_precision)
+                writers[name].add(post_index, ids)
+                found = passes[name]
+                found.sizes += np.bincount(ids, minlength=len(head_centroids))
+                found.nearest.add(ids, distances, payload)
+                for factor, truth in latents.items():
+                    found.contingency[factor] += report.contingency(
+                        ids, truth[post_index], *found.contingency[factor].shape)
+            bar.update(len(post_index))
+    return passes
+
+
+def _comment_head(name: str, k: int, found: CommentPass, store: PostsStore,
+                  texts_per_cluster: int) -> report.HeadSummary:
+    """The report's figures of one assigned comment head: its nearest comments' texts and, for
+    the contact sheet, the distinct posts of its nearest comments."""
+    members = found.nearest.members()
+    shown = [m[:texts_per_cluster] for m in members]   # only these posts' metadata is read
+    posts = np.unique(np.concatenate([m[:, 0] for m in shown] + [np.zeros(0, np.int64)]))
+    metas = dict(zip(posts.tolist(), store.meta_many(posts.tolist()), strict=True))
+    nearest = [[metas[int(post)].comments[int(number)] for post, number in cluster]
+               for cluster in shown]
+    return report.HeadSummary(
+        name, labels.COMMENTS, k, found.sizes, nearest_texts=nearest,
+        example_posts=[report.example_posts(m[:, 0]) for m in members],
+        agreement={factor: report.agreement_from_contingency(counts)
+                   for factor, counts in found.contingency.items()})
 
 
 def _reaction_head(k, rows: _ReactionRows, num_types: int, settings, latents, mesh):
     name = labels.head_name(labels.REACTIONS, k)
     features, has_signal = rows
     result = _fit(name, features, settings.kmeans_options(k, 'euclidean'), mesh)
-    ids, _ = kmeans.assign(features, result.centroids, mesh=mesh,
-                           matmul_precision=settings.matmul_precision)
+    ids, distances = kmeans.assign(features, result.centroids, mesh=mesh,
+                                   matmul_precision=settings.matmul_precision)
     sizes = np.bincount(ids, minlength=k)
     profiles = np.zeros((k, num_types), np.float32)
     np.add.at(profiles, ids, features[:, :num_types])
     profiles /= np.maximum(sizes, 1)[:, None]
+    post_of_row = np.flatnonzero(has_signal)   # features hold only the posts with reactions
+    nearest = report.nearest_members(ids, distances, k, report.EXAMPLES_PER_CLUSTER)
     summary = report.HeadSummary(
         name, labels.REACTIONS, k, sizes, mean_profiles=profiles,
+        example_posts=[post_of_row[rows].tolist() for rows in nearest],
         agreement={factor: report.agreement(ids, truth[has_signal])
                    for factor, truth in latents.items()})
     return labels.reaction_head(k, has_signal, ids), summary, result.centroids

@@ -4,19 +4,25 @@ A head is one engagement type at one clustering granularity, named like 'comment
 'reactions_k50'.
 
 * Comment heads: a post has several comments, so its label is the multiset of its comments'
-  cluster ids, stored in CSR form (`offsets`, `ids`); the soft target is their normalised
-  histogram. A post without comments is masked.
+  cluster ids, stored in CSR form (`offsets`, `ids`: a post's ids are
+  ids[offsets[post]:offsets[post + 1]], in comment order); the soft target is their normalised
+  histogram, computed per batch by the input pipeline. A post without comments is masked.
 * Reaction heads: one cluster id per post, -1 (masked) where the post has no reactions.
 * Class heads ('object_k10'): a known class per post, for the supervised baseline; stored and
   trained like reaction heads (one id, -1 where the post has no class).
 
-On disk (a directory written by the cluster stage): labels.json (num_posts, a digest of the post
-ids the labels are aligned with, and per head its kind, K, encoder, centroid hash) and one
-`<head>.npz` per head.
+On disk (a directory written by the cluster stage): labels.json (version, num_posts, a digest of
+the post ids the labels are aligned with, and per head its kind, K, encoder, centroid hash) and
+one directory per head holding plain .npy files: `<head>/ids.npy` (int32) and, for comment
+heads, `<head>/offsets.npy` (int64, num_posts + 1). Readers memory-map them
+(`np.load(mmap_mode='r')`), so a process touches only the pages of the posts it reads and
+processes on one host share the page cache. The cluster stage writes comment heads shard by
+shard (`CommentLabelsWriter`), never holding every comment's id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -28,14 +34,17 @@ from typing import Any
 import numpy as np
 
 from vise_jax import artifacts
-from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError
+from vise_jax.specs import parse_pair
 
 COMMENTS = 'comments'
 REACTIONS = 'reactions'
 CLASSES = 'classes'
 LABELS_INDEX = 'labels.json'
-LABELS_VERSION = 1
+LABELS_VERSION = 2   # 2: one directory of .npy files per head (memory-mapped); 1: <head>.npz
+IDS_FILE = 'ids.npy'
+OFFSETS_FILE = 'offsets.npy'
+_OFFSET_BLOCK = 1 << 20   # posts whose offsets are written at a time
 
 
 def head_name(kind: str, k: int) -> str:
@@ -149,17 +158,105 @@ def reaction_features(counts: np.ndarray, log_total: bool) -> tuple[np.ndarray, 
 
 
 def save_head(directory: Path, head: HeadLabels) -> None:
-    arrays = {'ids': head.ids}
+    """Writes `<head>/ids.npy` (and `<head>/offsets.npy` for a comment head), each atomically."""
+    head_dir = Path(directory) / head.name
     if head.offsets is not None:
-        arrays['offsets'] = head.offsets
-    with artifacts.atomic_path(directory / f'{head.name}.npz') as tmp, open(tmp, 'wb') as f:
-        np.savez(f, **arrays)
+        _save_array(head_dir / OFFSETS_FILE, np.asarray(head.offsets, np.int64))
+    _save_array(head_dir / IDS_FILE, np.asarray(head.ids, np.int32))
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with artifacts.atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def load_head(directory: Path, name: str, meta: dict[str, Any]) -> HeadLabels:
-    with np.load(directory / f'{name}.npz') as arrays:
-        return HeadLabels(name, meta['kind'], meta['k'], arrays['ids'],
-                          arrays.get('offsets'))
+    """The head's arrays memory-mapped (read-only np.memmap): nothing is read until used."""
+    head_dir = Path(directory) / name
+    files = [IDS_FILE] + ([OFFSETS_FILE] if meta['kind'] == COMMENTS else [])
+    missing = [f for f in files if not (head_dir / f).exists()]
+    if missing:
+        raise InputError(f'{head_dir}: no {", ".join(missing)} (labels of an older version or '
+                         'an incomplete directory); rerun the cluster stage')
+    offsets = (np.load(head_dir / OFFSETS_FILE, mmap_mode='r')
+               if meta['kind'] == COMMENTS else None)
+    return HeadLabels(name, meta['kind'], meta['k'], np.load(head_dir / IDS_FILE, mmap_mode='r'),
+                      offsets)
+
+
+class CommentLabelsWriter:
+    """Writes a comment head's `offsets.npy` and `ids.npy` from comment rows in store order,
+    one batch (an embeddings shard) at a time: the files `comment_head` + `save_head` would
+    write, holding no more than one batch. A post's rows may continue into the next batch.
+
+    Use as a context manager: the files are renamed into place when the block ends normally
+    (after checking that `num_rows` rows came), and removed if it raises.
+    """
+
+    def __init__(self, directory: str | os.PathLike, k: int, num_posts: int, num_rows: int):
+        self.name = head_name(COMMENTS, k)
+        self.k, self.num_posts, self.num_rows = k, num_posts, num_rows
+        self._stack = contextlib.ExitStack()
+        head_dir = Path(directory) / self.name
+        self._offsets = self._open(head_dir / OFFSETS_FILE, np.int64, num_posts + 1)
+        self._ids = self._open(head_dir / IDS_FILE, np.int32, num_rows)
+        self._rows = 0        # rows written so far
+        self._next_post = 0   # the first post whose offset is not written yet
+        self._last_post = 0   # the post of the last row written
+
+    def _open(self, path: Path, dtype, length: int):
+        tmp = self._stack.enter_context(artifacts.atomic_path(path))
+        f = self._stack.enter_context(open(tmp, 'wb'))  # noqa: SIM115 (closed by the stack)
+        np.lib.format.write_array_header_1_0(f, {
+            'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
+            'shape': (length,)})
+        return f
+
+    def add(self, post_index: np.ndarray, cluster_ids: np.ndarray) -> None:
+        """The next rows: their posts (non-decreasing, from where the last batch ended) and ids."""
+        post_index = np.asarray(post_index, np.int64)
+        cluster_ids = np.asarray(cluster_ids)
+        if post_index.shape != cluster_ids.shape or post_index.ndim != 1:
+            raise ValueError(f'{self.name}: {post_index.shape} posts for {cluster_ids.shape} ids')
+        if not len(post_index):
+            return
+        if (post_index[0] < self._last_post or post_index[-1] >= self.num_posts
+                or (np.diff(post_index) < 0).any()):
+            raise InputError(f'{self.name}: comment rows are not in post order (rows from '
+                             f'{self._rows}: posts {post_index[0]}..{post_index[-1]} after post '
+                             f'{self._last_post}, of {self.num_posts}); rerun the embed stage')
+        if cluster_ids.min() < 0 or cluster_ids.max() >= self.k:
+            raise InputError(f'{self.name}: cluster ids outside [0, {self.k})')
+        if self._rows + len(post_index) > self.num_rows:
+            raise InputError(f'{self.name}: more than the {self.num_rows} rows announced')
+        self._write_offsets(int(post_index[-1]) + 1, post_index)
+        self._ids.write(cluster_ids.astype(np.int32).tobytes())
+        self._rows += len(post_index)
+        self._last_post = int(post_index[-1])
+
+    def _write_offsets(self, stop: int, post_index: np.ndarray) -> None:
+        """Offsets of posts [next_post, stop): the first row of this batch at or after each."""
+        for first in range(self._next_post, stop, _OFFSET_BLOCK):
+            posts = np.arange(first, min(stop, first + _OFFSET_BLOCK), dtype=np.int64)
+            offsets = self._rows + np.searchsorted(post_index, posts, side='left')
+            self._offsets.write(offsets.astype(np.int64).tobytes())
+        self._next_post = max(self._next_post, stop)
+
+    def __enter__(self) -> CommentLabelsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if exc_type is None:
+            try:
+                if self._rows != self.num_rows:
+                    raise RuntimeError(f'{self.name}: {self._rows} rows written, '
+                                       f'{self.num_rows} announced')
+                # The posts after the last row (and the end): offset = every row.
+                self._write_offsets(self.num_posts + 1, np.zeros(0, np.int64))
+            except BaseException as e:
+                self._stack.__exit__(type(e), e, e.__traceback__)
+                raise
+        return self._stack.__exit__(exc_type, exc, traceback)
 
 
 def write_index(directory: Path, num_posts: int, post_digest: str,
@@ -178,6 +275,9 @@ class LabelStore:
         if not (self.directory / artifacts.STAGE_RECORD).exists() or not index_path.exists():
             raise InputError(f'{self.directory} holds no finished labels; run the cluster stage')
         self.index = artifacts.read_json(index_path)
+        if self.index.get('version') != LABELS_VERSION:
+            raise InputError(f'{index_path}: labels version {self.index.get("version")}, this '
+                             f'code reads version {LABELS_VERSION}; rerun the cluster stage')
         self._heads: dict[str, HeadLabels] = {}
 
     @property
@@ -194,6 +294,7 @@ class LabelStore:
         return self.index['heads'][name]
 
     def head(self, name: str) -> HeadLabels:
+        """The head's labels, memory-mapped (loaded once per store object)."""
         if name not in self._heads:
             self._heads[name] = load_head(self.directory, name, self.head_info(name))
         return self._heads[name]
@@ -205,11 +306,10 @@ class LabelStore:
                              '(post id digest differs); rerun the cluster stage')
 
 
-def parse_class_spec(spec: str, workdir: str | os.PathLike) -> tuple[Path, str]:
-    """'CSV:COLUMN' ('{workdir}' substituted) -> (csv path, column); the CSV must exist."""
-    path, sep, column = expand_workdir(spec, workdir).rpartition(':')
-    if not sep or not path or not column:
-        raise InputError(f"config.experiment.supervised_labels must be 'CSV:COLUMN', got {spec!r}")
+def parse_class_spec(spec: str) -> tuple[Path, str]:
+    """config.experiment.supervised_labels 'CSV:COLUMN' -> (path, column); the CSV must exist."""
+    path, column = parse_pair(spec, 'config.experiment.supervised_labels', expected='CSV:COLUMN',
+                              last=True)
     if not Path(path).is_file():
         raise InputError(f'{path}: no such file (config.experiment.supervised_labels)')
     return Path(path), column

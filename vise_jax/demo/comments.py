@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from vise_jax.demo.world import WorldSpec
+    from vise_jax.demo.spec import WorldSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vise_jax.demo.spec import MIN_IMAGE_SIZE
+
 SUPERSAMPLE = 2
-MIN_IMAGE_SIZE = 16
 
 Colour = tuple[int, int, int]
 Point = tuple[float, float]

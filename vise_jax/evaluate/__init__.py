@@ -7,7 +7,12 @@ sharded, cached feature extraction), probe (standardised logistic regression, C 
 validation split, metrics), report (results.json / .md / .png), linear (the whole evaluation).
 """
 
-from vise_jax.evaluate.datasets import DownstreamSet, load_dataset, select_tasks
+from vise_jax.evaluate.datasets import (
+    DownstreamSet,
+    load_dataset,
+    parse_dataset_spec,
+    select_tasks,
+)
 from vise_jax.evaluate.features import Features, extract_features
 from vise_jax.evaluate.linear import linear_eval, resolve_exports
 from vise_jax.evaluate.probe import (
@@ -19,7 +24,7 @@ from vise_jax.evaluate.probe import (
 from vise_jax.evaluate.report import write_report
 
 __all__ = [
-    'DownstreamSet', 'Features', 'ProbeResult', 'extract_features', 'fit_probe',
-    'linear_eval', 'load_dataset', 'multi_label_metrics', 'resolve_exports', 'select_tasks',
-    'single_label_metrics', 'write_report',
+    'DownstreamSet', 'Features', 'ProbeResult', 'extract_features', 'fit_probe', 'linear_eval',
+    'load_dataset', 'multi_label_metrics', 'parse_dataset_spec', 'resolve_exports',
+    'select_tasks', 'single_label_metrics', 'write_report',
 ]

@@ -1,10 +1,10 @@
 """Downstream sets named by a spec string, and the tasks a probe is trained and scored on.
 
-Specs (config.eval.train / config.eval.test; '{workdir}' is replaced by --workdir):
+Specs (config.eval.train / config.eval.test):
 
-  csv:PATH                      a CSV manifest, its tasks.json beside it (input.csv_manifest)
-  folder:ROOT                   ROOT/<class>/<image>, one task 'label' (input.image_folder)
-  tfds:NAME:SPLIT[:DATA_DIR]    a prepared TFDS dataset (input.tfds_images)
+  csv:PATH                      a CSV manifest, its tasks.json beside it (inputs.csv_manifest)
+  folder:ROOT                   ROOT/<class>/<image>, one task 'label' (inputs.image_folder)
+  tfds:NAME:SPLIT[:DATA_DIR]    a prepared TFDS dataset (inputs.tfds_images)
 
 A tasks.json may give each task a `kind` ('subjective', 'objective', ...): it is carried into
 the results table. Train and test sets must agree on each probed task's type; test labels are
@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from vise_jax import input as input_lib
-from vise_jax.configlib import expand_workdir
+from vise_jax import inputs as input_lib
 from vise_jax.errors import InputError
-from vise_jax.input.sources import MULTI_LABEL
+from vise_jax.inputs.sources import MULTI_LABEL
+from vise_jax.specs import parse_pair, spec_error
 
 KINDS = ('csv', 'folder', 'tfds')
+SPEC_GRAMMAR = 'csv:PATH | folder:ROOT | tfds:NAME:SPLIT[:DATA_DIR]'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,34 +46,58 @@ class DownstreamSet:
         return len(self.labelled)
 
 
-def load_dataset(spec: str, workdir: str | os.PathLike | None = None,
-                 key: str = 'config.eval.train') -> DownstreamSet:
-    """The downstream set a spec names; `key` names the config key in error messages."""
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed downstream spec: `path` is the CSV or folder, `name`/`split`/`data_dir` TFDS's."""
+
+    kind: str
+    path: str = ''
+    name: str = ''
+    split: str = ''
+    data_dir: str = ''
+
+
+def parse_dataset_spec(spec: str, key: str = 'config.eval.train') -> DatasetSpec:
+    """'csv:PATH' | 'folder:ROOT' | 'tfds:NAME:SPLIT[:DATA_DIR]' -> DatasetSpec."""
     spec = (spec or '').strip()
     if not spec:
-        raise InputError(f"{key} is empty: set it to 'csv:PATH', 'folder:ROOT' or "
-                         "'tfds:NAME:SPLIT'")
-    if workdir is not None:
-        spec = expand_workdir(spec, workdir)
-    kind, _, rest = spec.partition(':')
-    if kind not in KINDS or not rest:
-        raise InputError(f"{key}={spec!r}: unknown dataset spec; use 'csv:PATH', "
-                         "'folder:ROOT' or 'tfds:NAME:SPLIT[:DATA_DIR]'")
-    if kind == 'csv':
-        path = Path(rest)
-        if not path.is_file():
-            raise InputError(f'{key}: downstream CSV not found: {path}')
-        labelled = input_lib.csv_manifest(path)
-        return DownstreamSet(spec, labelled, _task_kinds(path.parent / 'tasks.json'))
-    if kind == 'folder':
-        if not Path(rest).is_dir():
-            raise InputError(f'{key}: image folder not found: {rest}')
-        return DownstreamSet(spec, input_lib.image_folder(rest), {})
+        raise InputError(f'{key} is empty: set it to {SPEC_GRAMMAR!r}')
+    kind, rest = parse_pair(spec, key, expected=SPEC_GRAMMAR)
+    if kind not in KINDS:
+        raise spec_error(key, spec, f'unknown dataset spec kind {kind!r}', SPEC_GRAMMAR)
+    if kind != 'tfds':
+        return DatasetSpec(kind, path=rest)
     name, _, rest = rest.partition(':')
     split, _, data_dir = rest.partition(':')
     if not name or not split:
-        raise InputError(f"{key}={spec!r}: a TFDS spec is 'tfds:NAME:SPLIT[:DATA_DIR]'")
-    return DownstreamSet(spec, input_lib.tfds_images(name, split, data_dir or None), {})
+        raise spec_error(key, spec, 'a TFDS set needs a name and a split',
+                         'tfds:NAME:SPLIT[:DATA_DIR]')
+    return DatasetSpec(kind, name=name, split=split, data_dir=data_dir)
+
+
+def load_dataset(spec: str, key: str = 'config.eval.train') -> DownstreamSet:
+    """The downstream set a spec names; `key` names the config key in error messages."""
+    parsed = parse_dataset_spec(spec, key)
+    if parsed.kind == 'csv':
+        path = Path(parsed.path)
+        if not path.is_file():
+            raise InputError(f'{key}: downstream CSV not found: {path}' + _workdir_hint(path))
+        labelled = input_lib.csv_manifest(path)
+        return DownstreamSet(spec, labelled, _task_kinds(path.parent / 'tasks.json'))
+    if parsed.kind == 'folder':
+        if not Path(parsed.path).is_dir():
+            raise InputError(f'{key}: image folder not found: {parsed.path}'
+                             + _workdir_hint(parsed.path))
+        return DownstreamSet(spec, input_lib.image_folder(parsed.path), {})
+    return DownstreamSet(spec, input_lib.tfds_images(parsed.name, parsed.split,
+                                                     parsed.data_dir or None), {})
+
+
+def _workdir_hint(path: str | Path) -> str:
+    # Library code takes expanded configs; a '{workdir}' here means a caller skipped that step.
+    if '{workdir}' not in str(path):
+        return ''
+    return " (expand '{workdir}' first: configlib.with_workdir(config, workdir))"
 
 
 def _task_kinds(tasks_path: Path) -> dict[str, str]:

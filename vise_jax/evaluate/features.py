@@ -10,7 +10,7 @@ their index.
 
 Unusable images (truncated, missing, ...) keep their row (the feature of a black image) but are
 marked `usable=False`, counted per reason in `bad_images`, logged, and left out of the probes;
-more than input.max_bad_image_fraction of them fails the extraction (input.BadImageTally).
+more than input.max_bad_image_fraction of them fails the extraction (inputs.BadImageTally).
 
 The cache: `{cache_dir}/features-<key>.npz`, written atomically, where the key is a fingerprint
 of the export (its metadata and a hash of its variables' bytes), of the set (description,
@@ -42,10 +42,10 @@ from tqdm import tqdm
 
 from vise_jax import artifacts, sharding
 from vise_jax import export as export_lib
-from vise_jax import input as input_lib
+from vise_jax import inputs as input_lib
 from vise_jax.errors import InputError
-from vise_jax.input.bad_images import BAD_IMAGE_REASONS, OK
-from vise_jax.input.sources import FileImages
+from vise_jax.inputs.bad_images import BAD_IMAGE_REASONS, OK
+from vise_jax.inputs.sources import FileImages
 from vise_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 FEATURES_VERSION = 1
 MIN_IMAGE_SIZE = 32      # a ResNet downsamples by 32: smaller inputs leave no spatial map
 BATCH_KEYS = ('image', 'index', 'weight', 'bad_image')
-VOLATILE_META = ('created', 'torchvision')  # export.json fields that change on a rewrite
 
 
 class ExportLike(Protocol):
@@ -97,7 +96,7 @@ class Features:
 
 
 def export_fingerprint(export: ExportLike) -> str:
-    meta = {k: v for k, v in dict(export.meta).items() if k not in VOLATILE_META}
+    meta = {k: v for k, v in dict(export.meta).items() if k not in export_lib.VOLATILE_FIELDS}
     return artifacts.fingerprint({'meta': meta,
                                   'variables': export_lib.variables_sha256(export.variables)})
 

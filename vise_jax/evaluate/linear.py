@@ -24,8 +24,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from vise_jax import export as export_lib
-from vise_jax import sharding
-from vise_jax.configlib import expand_workdir
+from vise_jax import sharding, specs
 from vise_jax.errors import InputError
 from vise_jax.evaluate import datasets, features, probe, report
 
@@ -37,26 +36,17 @@ META_KEYS = ('architecture', 'width', 'feature_dim', 'image_size', 'step', 'sour
 
 
 def resolve_exports(spec: str, workdir: str | os.PathLike) -> dict[str, Path]:
-    """config.eval.exports ('name=DIR,...', a bare DIR is named after its folder; '{workdir}'
-    replaced) -> {name: dir}; '' = every directory with an export.json under {workdir}/export."""
-    workdir = Path(workdir)
-    exports: dict[str, Path] = {}
+    """config.eval.exports ('name=DIR,...', a bare DIR is named after its folder) -> {name: dir};
+    '' = every directory with an export.json under {workdir}/export."""
     if not spec.strip():
-        root = workdir / 'export'
+        root = Path(workdir) / 'export'
         found = sorted(p.parent for p in root.glob(f'*/{EXPORT_META}')) if root.is_dir() else []
         if not found:
             raise InputError(f'no exports under {root}: run the export stage first, or set '
                              "config.eval.exports='name=DIR,...'")
         return {path.name: path for path in found}
-    for entry in filter(None, (e.strip() for e in spec.split(','))):
-        name, has_name, path = entry.partition('=')
-        if not has_name:
-            name, path = '', entry
-        path = Path(expand_workdir(path, workdir))
-        name = name.strip() or path.name
-        if name in exports:
-            raise InputError(f'config.eval.exports names {name!r} twice')
-        exports[name] = path
+    exports = specs.parse_mapping(spec, 'config.eval.exports', convert=Path, what='DIR',
+                                  bare_name=lambda entry: Path(entry).name)
     if not exports:
         raise InputError(f'config.eval.exports={spec!r} names no export')
     return exports
@@ -79,8 +69,8 @@ def linear_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                    else resolve_exports(ev.exports, workdir))
     if not export_dirs:
         raise InputError('linear_eval: no exports to evaluate')
-    train = datasets.load_dataset(ev.train, workdir, 'config.eval.train')
-    test = datasets.load_dataset(ev.test, workdir, 'config.eval.test')
+    train = datasets.load_dataset(ev.train, 'config.eval.train')
+    test = datasets.load_dataset(ev.test, 'config.eval.test')
     tasks = datasets.select_tasks(train, test, tuple(ev.tasks))
     test_labels = {task: datasets.labels_in_train_classes(train, test, task) for task in tasks}
     if mesh is None:

@@ -32,7 +32,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from vise_jax.errors import InputError
-from vise_jax.input.sources import MULTI_LABEL, SINGLE_LABEL
+from vise_jax.inputs.sources import MULTI_LABEL, SINGLE_LABEL
 
 METRICS = {SINGLE_LABEL: ('top1', 'macro_f1'), MULTI_LABEL: ('mAP', 'micro_f1', 'macro_f1')}
 MAIN_METRIC = {SINGLE_LABEL: 'top1', MULTI_LABEL: 'mAP'}

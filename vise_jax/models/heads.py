@@ -13,6 +13,7 @@ of the FLOPs, and float32 keeps the softmax over thousands of clusters precise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,16 +30,33 @@ Dtype = Any
 FLOAT_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
+def torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's nn.Linear initialisation (torchvision's fc), for a kernel or a bias: uniform
+    within +-1/sqrt(fan_in) (kaiming_uniform_(a=sqrt(5)) for the weight: std 1/sqrt(3 fan_in)).
+
+    Flax's Dense default (lecun_normal: std 1/sqrt(fan_in), sqrt(3) times this; zero bias),
+    used before issue #17, made runs descend about a step ahead of torchvision's from the same
+    kind of start (docs/design.md, "Initialisation")."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape, dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 class Heads(nn.Module):
-    """A float32 Dense layer per head, each named after its head."""
+    """A float32 Dense layer per head, each named after its head, initialised like PyTorch's
+    nn.Linear (`torch_linear_init`)."""
 
     num_classes: Mapping[str, int]
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, features: jax.Array) -> dict[str, jax.Array]:
+        init = torch_linear_init(features.shape[-1])
         return {name: nn.Dense(k, dtype=jnp.float32, param_dtype=self.param_dtype,
-                               name=name)(features)
+                               kernel_init=init, bias_init=init, name=name)(features)
                 for name, k in self.num_classes.items()}
 
 

@@ -36,15 +36,16 @@ REJECTED = 'rejected.jsonl'
 
 
 @dataclasses.dataclass(frozen=True)
-class IngestOptions:
-    reaction_types: tuple[str, ...]
+class IngestOptions(validate.RowOptions):
+    """The row options (validate.RowOptions: limits, image root, re-encoding) and the run's."""
+
     on_error: str = SKIP                 # 'fail': stop at the first bad row; 'skip': report it
     max_rejected_fraction: float = 1.0   # with 'skip': fail when more rows than this are bad
     rows_per_shard: int = 10_000
     num_threads: int = 8                 # image reads and decodes overlap in threads
-    image_root: str = ''                 # relative image paths resolve here ('' = manifest dir)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.on_error not in (FAIL, SKIP):
             raise InputError(f"ingest.on_error must be '{FAIL}' or '{SKIP}', got {self.on_error!r}")
         if not 0.0 <= self.max_rejected_fraction <= 1.0:
@@ -52,9 +53,12 @@ class IngestOptions:
                              f'got {self.max_rejected_fraction}')
         if self.rows_per_shard < 1 or self.num_threads < 1:
             raise InputError('ingest.rows_per_shard and ingest.num_threads must be positive')
-        if not self.reaction_types or len(set(self.reaction_types)) != len(self.reaction_types):
-            raise InputError('posts.reaction_types must be distinct names, '
-                             f'got {self.reaction_types}')
+
+    def store_fingerprint(self) -> dict[str, Any]:
+        """What changes the store's bytes (more threads give the same bytes)."""
+        fields = super().store_fingerprint()
+        del fields['num_threads']
+        return fields
 
 
 @dataclasses.dataclass
@@ -73,9 +77,9 @@ def ingest(manifests: Sequence[str | os.PathLike], stage: artifacts.StageDir,
     stage.prepare()
     out = stage.path
     claims = _replay_committed_claims(out, options.reaction_types)
-    lines = validate.iter_manifest_lines(manifests)
+    lines = validate.iter_manifest_lines(manifests, options.max_row_bytes)
     total_bytes = sum(os.path.getsize(m) for m in manifests)
-    image_root = Path(options.image_root) if options.image_root else None
+    image_root = _image_root(options)
     with tqdm.tqdm(total=total_bytes, unit='B', unit_scale=True, desc='ingest',
                    disable=None) as progress, \
          concurrent.futures.ThreadPoolExecutor(options.num_threads) as pool:
@@ -84,12 +88,28 @@ def ingest(manifests: Sequence[str | os.PathLike], stage: artifacts.StageDir,
             if _chunk_record(out, shard).exists():
                 continue  # committed by an earlier, interrupted run; its claims were replayed
             result = _validate_chunk(chunk, claims, options, image_root, pool)
-            if result.rejected and options.on_error == FAIL:
-                first = result.rejected[0]
-                raise InputError(f'{first}\n(ingest.on_error={FAIL!r}; set it to {SKIP!r} to '
-                                 'skip bad rows and get a report of all of them)')
+            _check_fail_policy(result.rejected, options)
             _commit_chunk(out, shard, result, options.reaction_types)
-    report = _finalize(out, manifests, options)
+    return finish(stage, manifests, options, config)
+
+
+# The Beam runner (posts/beam_ingest.py) calls _parse_rows, _validate_chunk, _commit_chunk,
+# _check_fail_policy and finish below, so both runners validate rows and write shards, the
+# report and the stage record with this one code.
+
+
+def _check_fail_policy(rejected: Sequence[validate.Rejection], options: IngestOptions) -> None:
+    """With on_error='fail', the first rejected row stops the ingest with its message."""
+    if rejected and options.on_error == FAIL:
+        raise InputError(f'{rejected[0]}\n(ingest.on_error={FAIL!r}; set it to {SKIP!r} to '
+                         'skip bad rows and get a report of all of them)')
+
+
+def finish(stage: artifacts.StageDir, manifests: Sequence[Path], options: IngestOptions,
+           config: Any) -> dict[str, Any]:
+    """Merges the committed chunks into the finished store; returns the report."""
+    out = stage.path
+    report = _finalize(out, list(manifests), options)
     _check_rejected_fraction(report, options, out)
     stage.finish(config, summary=report)
     _remove_chunk_bookkeeping(out)
@@ -112,42 +132,51 @@ def _chunks(lines: Iterable[validate.Line], size: int) -> Iterator[list[validate
         yield chunk
 
 
+def _image_root(options: IngestOptions) -> Path | None:
+    return Path(options.image_root) if options.image_root else None
+
+
+def _parse_rows(chunk: Sequence[validate.Line], options: IngestOptions,
+                image_root: Path | None = None) -> list[validate.Draft]:
+    """The chunk's rows (blank lines are not rows), parsed; the image is not read yet.
+
+    `image_root` is unused: options.image_root says where relative paths resolve.
+    """
+    del image_root
+    return [validate.parse_line(line, options) for line in chunk if not line.is_blank]
+
+
 def _validate_chunk(chunk: list[validate.Line], claims: dict[str, str],
                     options: IngestOptions, image_root: Path | None,
                     pool: concurrent.futures.Executor) -> ChunkResult:
+    """Every row of the chunk through validate.validate_row, then the duplicate-id check."""
+    del image_root  # options.image_root
     rows = [line for line in chunk if not line.is_blank]
-    drafts = [validate.parse_line(line, options.reaction_types, image_root) for line in rows]
-    for draft in drafts:
-        _claim_id(draft, claims)
     # Image I/O and decoding dominate; they run in threads, results stay in input order.
-    list(pool.map(validate.load_image, (d for d in drafts if _has_image_ref(d))))
+    results = list(pool.map(
+        lambda line: validate.validate_row(line.text, line.file, line.number, options), rows))
     result = ChunkResult(rows=len(rows), accepted=[], rejected=[],
                          blank_lines=len(chunk) - len(rows),
                          ignored_fields=collections.Counter())
-    for draft in drafts:
-        if draft.errors:
-            result.rejected.append(validate.Rejection(draft.location, draft.post_id,
-                                                      tuple(draft.errors)))
+    for row in results:
+        row = _claim_id(row, claims)
+        if isinstance(row, validate.Rejection):
+            result.rejected.append(row)
         else:
-            result.accepted.append(Post(id=draft.post_id, comments=draft.comments,
-                                        reactions=draft.reactions, image_info=draft.image_info,
-                                        source=draft.location, image=draft.image_bytes))
-            result.ignored_fields.update(draft.ignored_fields)
+            result.accepted.append(row)
+            result.ignored_fields.update(row.ignored_fields)
     return result
 
 
-def _has_image_ref(draft: validate.Draft) -> bool:
-    return draft.image_path is not None or draft.image_bytes is not None
-
-
-def _claim_id(draft: validate.Draft, claims: dict[str, str]) -> None:
+def _claim_id(row: Post | validate.Rejection,
+              claims: dict[str, str]) -> Post | validate.Rejection:
     """The first row with an id owns it; later rows with that id are duplicates."""
-    if draft.post_id is None:
-        return
-    first = claims.setdefault(draft.post_id, draft.location)
-    if first != draft.location:
-        draft.errors.append(validate.FieldError(
-            'id', validate.DUPLICATE_ID, f'duplicate id {draft.post_id!r} (first seen at {first})'))
+    post_id = row.post_id if isinstance(row, validate.Rejection) else row.id
+    if post_id is None:
+        return row
+    location = row.location if isinstance(row, validate.Rejection) else row.source
+    first = claims.setdefault(post_id, location)
+    return row if first == location else validate.mark_duplicate(row, first)
 
 
 def _chunk_record(out: Path, shard: int) -> Path:

@@ -10,7 +10,8 @@ REACTION_TYPES = ('like', 'love', 'haha', 'wow', 'sad', 'angry', 'care')
 
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
-    """What decoding the image told us; readers use it to plan (e.g. JPEG draft decoding)."""
+    """What decoding the image told us: its format and mode as stored, and its size as shown
+    (upright: EXIF orientation applied, so a portrait photo stored sideways is tall)."""
 
     format: str
     width: int
@@ -25,7 +26,8 @@ class Post:
     `reactions` has every configured reaction type as a key (missing types are zero).
     `image` holds the encoded file bytes, or None when a reader was asked for metadata only.
     `source` says where the row came from ('posts.jsonl:17'), so every later report can point
-    back at the input.
+    back at the input. `ignored_fields` names the row's fields outside the posts format (counted
+    in the ingest report, not stored).
     """
 
     id: str
@@ -34,3 +36,4 @@ class Post:
     image_info: ImageInfo
     source: str
     image: bytes | None = None
+    ignored_fields: tuple[str, ...] = dataclasses.field(default=(), compare=False)

@@ -111,11 +111,21 @@ def _read_all(path: Path) -> list[bytes]:
         reader.close()
 
 
+def _read_range(path: Path, begin: int, end: int) -> list[bytes]:
+    """Records [begin, end) of one ArrayRecord file."""
+    reader = ArrayRecordReader(str(path))
+    try:
+        return reader.read(begin, end)
+    finally:
+        reader.close()
+
+
 class PostsStore:
     """Random access to a finished posts store, in the style of `tfds.data_source`.
 
     `len(store)` and `store[i]` (a Post with its image bytes) make it usable directly as a Grain
-    source; `meta(i)` and `iter_meta()` skip the image bytes.
+    source; `meta(i)`, `meta_many(indices)`, `iter_meta()` and `iter_meta_range(start, stop)`
+    skip the image bytes.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -167,6 +177,35 @@ class PostsStore:
         for path in self._meta_paths:
             for record in _read_all(Path(path)):
                 yield decode_meta(record, self.reaction_types)
+
+    @property
+    def shard_starts(self) -> list[int]:
+        """The global index of each shard's first post, then the number of posts (from
+        store.json: nothing is read)."""
+        starts = [0]
+        for shard in self.index['shards']:
+            starts.append(starts[-1] + shard['num_posts'])
+        return starts
+
+    def iter_meta_range(self, start: int, stop: int) -> Iterator[Post]:
+        """Posts [start, stop) in order without images, reading only those records (a
+        sequential read of the part of each shard the range covers)."""
+        start, stop = max(int(start), 0), min(int(stop), len(self))
+        starts = self.shard_starts
+        for shard, path in enumerate(self._meta_paths):
+            first, end = max(start, starts[shard]), min(stop, starts[shard + 1])
+            if first >= end:
+                continue
+            for record in _read_range(Path(path), first - starts[shard], end - starts[shard]):
+                yield decode_meta(record, self.reaction_types)
+
+    def meta_many(self, indices: Sequence[int]) -> list[Post]:
+        """The posts at `indices` (random reads, in the order given), without images."""
+        indices = [self._check(i) for i in indices]
+        if not indices:
+            return []
+        return [decode_meta(record, self.reaction_types)
+                for record in self.meta_source.__getitems__(indices)]
 
     def _check(self, index: int) -> int:
         index = int(index)

@@ -9,14 +9,22 @@ except at logging, evaluation and checkpoint steps.
 Output in {workdir}/train: checkpoints/ (Orbax; config.train.checkpoint_dir may put them
 elsewhere, e.g. a bucket); on process 0 metrics.jsonl, tensorboard/ and curves.png; stage.json
 when the last step is done. A run starts from its own latest checkpoint, else
-config.train.resume, else config.train.init, else from scratch (checkpointing.starting_state);
-a SIGTERM or the multi-host preemption sync point saves and stops every process at one step.
+config.train.resume, else config.train.init (weights the caller reads: `init`), else from
+scratch (checkpointing.starting_state); a SIGTERM or the multi-host preemption sync point saves
+and stops every process at one step.
+
+The steps run under `jax.transfer_guard('disallow')`: a host<->device copy nobody asked for is
+an error, not a silent stall. The deliberate ones are explicit: the global batch
+(`_global_batch`: jax.make_array_from_process_local_data), metrics and checksums
+(jax.device_get), and a save (checkpointing.save allows Orbax's copy of the state to the
+host).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -32,10 +40,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from vise_jax import artifacts, models, sharding
-from vise_jax import input as input_lib
-from vise_jax.configlib import expand_workdir
-from vise_jax.errors import InputError, TrainingError
+from vise_jax import artifacts, distributed, models, sharding, specs
+from vise_jax import inputs as input_lib
+from vise_jax.errors import TrainingError
 from vise_jax.train import checkpointing, optim, plots
 from vise_jax.train import state as state_lib
 from vise_jax.train import step as step_lib
@@ -46,17 +53,13 @@ log = logging.getLogger(__name__)
 
 def head_weights(configured: str, heads: Mapping[str, Any]) -> dict[str, float]:
     """Loss weight per head from 'name=weight,...' (config.train.head_weights); 1.0 otherwise."""
-    weights = dict.fromkeys(heads, 1.0)
-    for item in filter(None, (part.strip() for part in configured.split(','))):
-        name, _, value = item.partition('=')
+    key = 'config.train.head_weights'
+    weights = specs.parse_mapping(configured, key, convert=float, what='NUMBER')
+    for name in weights:
         if name not in heads:
-            raise InputError(f'config.train.head_weights: unknown head {name!r}; '
-                             f'the labels have {sorted(heads)}')
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise InputError(f'config.train.head_weights: {item!r} is not name=number') from None
-    return weights
+            raise specs.spec_error(key, configured, f'unknown head {name!r}; the labels have '
+                                   f'{sorted(heads)}', 'NAME=NUMBER,...')
+    return {**dict.fromkeys(heads, 1.0), **weights}
 
 
 def run_meta(config: ml_collections.ConfigDict, heads: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,29 +181,55 @@ def build_run(config: ml_collections.ConfigDict, workdir: Path,
 
 
 def evaluate(run: Run, state: state_lib.TrainState) -> dict[str, float]:
-    """One pass over the held-out posts (padded so every process runs as many batches)."""
-    totals: dict[str, dict[str, float]] = {}
+    """One pass over the held-out posts (padded so every process runs as many batches).
+
+    The per-head sums are added up on the devices and read once, at the end.
+    """
+    totals = None
     iterator = run.eval_data.iterator()
     try:
         for local in itertools.islice(iterator, run.eval_data.steps_per_epoch):
-            sums = jax.device_get(run.eval_step(state, input_lib.global_batch(local, run.mesh)))
-            for head, head_sums in sums.items():
-                for name, value in head_sums.items():
-                    totals.setdefault(head, {}).setdefault(name, 0.0)
-                    totals[head][name] += float(value)
+            sums = run.eval_step(state, _global_batch(local, run.mesh))
+            totals = sums if totals is None else _add(totals, sums)
     finally:
         _close(iterator)   # its worker processes, now rather than at garbage collection
-    return {k: float(v) for k, v in step_lib.summarize(totals, run.weights).items()}
+    summary = jax.device_get(_summarize(totals, tuple(run.weights.items())))
+    return {k: float(v) for k, v in summary.items()}
+
+
+def _global_batch(local: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The global batch from this process's rows: the step loop's deliberate host-to-device
+    copy (with several processes jax.make_array_from_process_local_data goes through a path
+    the transfer guard counts as implicit, so it is allowed here by name)."""
+    with jax.transfer_guard_host_to_device('allow'):
+        return input_lib.global_batch(local, mesh)
+
+
+@jax.jit
+def _add(a: Any, b: Any) -> Any:
+    return jax.tree.map(lambda x, y: x + y, a, b)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _summarize(totals: Any, weights: tuple[tuple[str, float], ...]) -> dict[str, jax.Array]:
+    """step.summarize compiled: its constants stay on the device (no transfers)."""
+    return step_lib.summarize(totals, dict(weights))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
-          labels_dir: str | Path | None = None, out_dir: str | Path | None = None
-          ) -> dict[str, Any]:
+          labels_dir: str | Path | None = None, out_dir: str | Path | None = None,
+          init: checkpointing.Init | None = None) -> dict[str, Any]:
     """Trains to config.train.epochs, resuming from the latest checkpoint in the output.
 
     Posts come from the workdir, labels from `labels_dir` (default {workdir}/labels), and the
-    output goes to `out_dir` (default {workdir}/train).
+    output goes to `out_dir` (default {workdir}/train). Paths in the config are used as they
+    are ('{workdir}' is the stage's to expand). `init` is config.train.init's backbone with the
+    function that reads it (the train stage builds it with vise_jax.export.load_backbone); it
+    is read only when the run has no checkpoint of its own and no config.train.resume.
     """
+    if config.train.init and init is None:
+        raise ValueError(f'config.train.init={config.train.init!r}, but no `init` to read it '
+                         'was passed (vise_jax.stages builds one)')
     workdir = Path(workdir)
     out = Path(out_dir) if out_dir else workdir / 'train'
     run = build_run(config, workdir, Path(labels_dir) if labels_dir else None)
@@ -210,14 +239,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         # exit print tracebacks, and an async save must finish before the process goes.
         iterator = run.train_data.iterator()
         cleanup.callback(_close, iterator)
+        # The processes meet before their first collective (the manager's): building the run
+        # may take one of them far longer than the gloo rendezvous waits (distributed.py).
+        distributed.barrier(f'vise_jax.train: run built ({out})')
         manager = checkpointing.make_manager(
-            expand_workdir(config.train.checkpoint_dir, workdir) or out / 'checkpoints',
+            config.train.checkpoint_dir or out / 'checkpoints',
             every_steps=config.train.checkpoint_every_steps,
             keep=config.train.keep_checkpoints, keep_every_steps=config.train.keep_every_steps)
         cleanup.callback(manager.close)
-        state, tally = _train_steps(run, out, iterator, manager,
-                                    resume=expand_workdir(config.train.resume, workdir),
-                                    init=expand_workdir(config.train.init, workdir))
+        state, tally = _train_steps(run, out, iterator, manager, resume=config.train.resume,
+                                    init=init)
     if primary:
         log.info('train: curves in %s', plots.plot_curves(out / 'metrics.jsonl',
                                                           out / 'curves.png', list(run.weights)))
@@ -228,7 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
 
 def _train_steps(run: Run, out: Path, iterator: Any, manager: Any, *, resume: str = '',
-                 init: str = '') -> tuple[Any, Any]:
+                 init: checkpointing.Init | None = None) -> tuple[Any, Any]:
     """Steps from where the run starts (checkpointing.starting_state) to the end or a stop."""
     config = run.config
     primary = jax.process_index() == 0
@@ -251,13 +282,14 @@ def _train_steps(run: Run, out: Path, iterator: Any, manager: Any, *, resume: st
     stop = StopRequest()
     with (MetricWriter(out, enabled=primary) as writer, stop.installed(),
           tqdm.tqdm(total=total, initial=first_step, disable=not primary, unit='step',
-                    dynamic_ncols=True, desc='train') as progress):
+                    dynamic_ncols=True, desc='train') as progress,
+          jax.transfer_guard('disallow')):   # only explicit transfers (module docstring)
         for step in range(first_step, total):
             wait_start = time.perf_counter()
             local = next(iterator)
             data_wait += time.perf_counter() - wait_start
             tally.update(local['bad_image'], local['weight'], local['index'])
-            state, metrics = run.train_step(state, input_lib.global_batch(local, run.mesh))
+            state, metrics = run.train_step(state, _global_batch(local, run.mesh))
             if pending is not None:
                 interval.add(_checked(*pending, run.weights))
             pending = (step + 1, metrics)

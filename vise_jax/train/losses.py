@@ -1,7 +1,7 @@
 """Per-head losses and accuracies on the sparse targets the input pipeline ships.
 
 Every head's target arrives as the post's distinct cluster ids and their probabilities,
-`ids` (B, M) and `probs` (B, M), most frequent first (see vise_jax/input). A comment head's
+`ids` (B, M) and `probs` (B, M), most frequent first (see vise_jax/inputs). A comment head's
 target is the distribution over its comments' clusters (M of them at most); a reaction head's is
 one id with probability 1 (M = 1). One soft cross-entropy therefore serves both kinds: the dense
 (B, K) target is never built, which matters for K = 5000 heads at batch 4096.

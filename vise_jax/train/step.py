@@ -1,7 +1,7 @@
 """The train and eval steps: pure functions of (state, batch), jitted with explicit shardings.
 
 The batch is one global array per field, rows split over every device of the mesh
-(vise_jax.input.global_batch). Under `jax.jit` the BatchNorm statistics are then computed over
+(vise_jax.inputs.global_batch). Under `jax.jit` the BatchNorm statistics are then computed over
 the whole global batch, like torch's SyncBatchNorm, with no axis names in the model.
 
 Gradient accumulation splits the global batch into `accum_steps` micro-batches and scans over

@@ -2,14 +2,14 @@
 
 What a training loop does with it:
 
-  data = input.pretrain_data(config, workdir, split='train')    # or 'eval'
+  data = inputs.pretrain_data(config, workdir, split='train')    # or 'eval'
   model heads: data.heads  ({name: HeadSpec(kind, k, max_targets)})
   iterator = data.iterator()
-  tally = input.BadImageTally.from_config(config)
+  tally = inputs.BadImageTally.from_config(config)
   for step in ...:
       local = next(iterator)
       tally.update(local['bad_image'], local['weight'], local['index'])
-      state = train_step(state, input.global_batch(local, mesh))
+      state = train_step(state, inputs.global_batch(local, mesh))
   iterator.close()
 
 Batch contract (process-local numpy; B = global_batch_size / process_count):
@@ -22,16 +22,16 @@ Batch contract (process-local numpy; B = global_batch_size / process_count):
   'label':     int32 [B] (multi-label: [B, C] multi-hot)                 downstream sets
 
 Checkpointing the iterator with Orbax: `iterator_save_args(iterator)` and
-`iterator_restore_args(iterator)` inside an `ocp.args.Composite` (see pipeline.py).
+`iterator_restore_args(iterator)` inside an `ocp.args.Composite` (see chain.py).
 
 Modules: sources (image readers, downstream sets, the eval split), transforms (decode, crops),
-targets (soft targets from the label store), pipeline (the Grain chain and the builders),
+targets (soft targets from the label store), chain (the Grain chain and the builders),
 batching (global arrays), bad_images (reason codes and the tally).
 """
 
-from vise_jax.input.bad_images import BAD_IMAGE_REASONS, BadImageTally
-from vise_jax.input.batching import global_batch, local_batch_size
-from vise_jax.input.pipeline import (
+from vise_jax.inputs.bad_images import BAD_IMAGE_REASONS, BadImageTally
+from vise_jax.inputs.batching import global_batch, local_batch_size
+from vise_jax.inputs.chain import (
     DownstreamData,
     InputData,
     PretrainData,
@@ -42,7 +42,7 @@ from vise_jax.input.pipeline import (
     pretrain_data,
     release_shared_memory,
 )
-from vise_jax.input.sources import (
+from vise_jax.inputs.sources import (
     LabelledImages,
     Task,
     csv_manifest,
@@ -50,7 +50,7 @@ from vise_jax.input.sources import (
     image_folder,
     tfds_images,
 )
-from vise_jax.input.targets import HeadSpec
+from vise_jax.inputs.targets import HeadSpec
 
 __all__ = [
     'BAD_IMAGE_REASONS', 'BadImageTally', 'DownstreamData', 'HeadSpec', 'InputData',

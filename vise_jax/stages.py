@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import glob
 import logging
 import os
 import time
@@ -20,33 +19,22 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
-from vise_jax import artifacts, evaluate, experiment, export, posts, sharding, text
+from vise_jax import artifacts, evaluate, experiment, export, posts, sharding, specs, text
 from vise_jax.cluster import clustering, labels
-from vise_jax.configlib import expand_workdir
+from vise_jax.configlib import with_workdir
 from vise_jax.demo import world, writer
 from vise_jax.errors import InputError, TrainingError
+from vise_jax.interop import files as weight_files
+from vise_jax.posts.manifests import resolve_manifests
+from vise_jax.train import checkpointing
 from vise_jax.train import loop as train_loop
 
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 EXPERIMENT_REPORT = 'report.md'
-
-
-def resolve_manifests(pattern: str, workdir: str | os.PathLike) -> list[Path]:
-    """Expands '{workdir}', comma-separated entries and globs into a sorted list of files."""
-    if not pattern:
-        raise InputError('config.posts.manifest is empty: set --config.posts.manifest=PATH '
-                         '(a JSONL file, a glob, or several separated by commas; '
-                         'see docs/data_format.md)')
-    paths = []
-    for entry in expand_workdir(pattern, workdir).split(','):
-        matches = sorted(glob.glob(entry.strip()))
-        if not matches:
-            raise InputError(f'config.posts.manifest: no file matches {entry.strip()!r}')
-        paths.extend(Path(m) for m in matches)
-    return paths
 
 
 def _run_or_skip(stage: artifacts.StageDir, build: Callable[[], Any]) -> Record:
@@ -64,7 +52,8 @@ def demo_world_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record
     if not config.demo.enabled:
         log.info('demo_world: config.demo.enabled is False, nothing to generate')
         return None
-    spec = world.WorldSpec(seed=config.seed, **config.demo.world)
+    seed = config.seed if config.demo.world_seed < 0 else config.demo.world_seed
+    spec = world.WorldSpec(seed=seed, **config.demo.world)
     sizes = writer.WorldSizes(pretrain=config.demo.num_pretrain,
                               downstream_train=config.demo.num_downstream_train,
                               downstream_test=config.demo.num_downstream_test)
@@ -77,23 +66,46 @@ def demo_world_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record
 
 
 def ingest_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
-    manifests = resolve_manifests(config.posts.manifest, workdir)
+    # Either runner writes the same store (tests/test_beam_ingest.py), so the runner is not
+    # fingerprinted, and one resumes what the other left half done.
+    if config.ingest.runner == 'local':
+        ingest = posts.ingest
+    elif config.ingest.runner == 'beam':
+        try:
+            from vise_jax.posts import beam_ingest
+        except ModuleNotFoundError as e:
+            if not (e.name or '').startswith('apache_beam'):
+                raise
+            raise InputError("config.ingest.runner='beam' needs Apache Beam: "
+                             "pip install -e '.[beam]'") from None
+        ingest = functools.partial(beam_ingest.ingest, beam_options=config.ingest.beam_options)
+    else:
+        raise InputError("config.ingest.runner must be 'local' or 'beam', "
+                         f'got {config.ingest.runner!r}')
+    manifests = resolve_manifests(config.posts.manifest)
     options = posts.IngestOptions(
         reaction_types=tuple(config.posts.reaction_types),
         on_error=config.ingest.on_error,
         max_rejected_fraction=config.ingest.max_rejected_fraction,
         rows_per_shard=config.ingest.rows_per_shard,
         num_threads=config.ingest.num_threads,
-        image_root=expand_workdir(config.posts.image_root, workdir))
-    # Only what changes the store is fingerprinted: more threads give the same bytes.
-    store_options = dataclasses.asdict(options)
-    del store_options['num_threads']
+        image_root=config.posts.image_root,
+        confine_images=config.ingest.confine_images,
+        max_row_bytes=config.ingest.max_row_bytes,
+        max_image_bytes=config.ingest.max_image_bytes,
+        # Training skips larger images: ingest rejects them, so every stored post is usable.
+        max_image_pixels=config.input.max_image_pixels,
+        max_side=config.ingest.max_side,
+        resize_side=config.ingest.resize_side,
+        jpeg_quality=config.ingest.jpeg_quality)
+    # Only what changes the store is fingerprinted: more threads give the same bytes; the
+    # re-encode settings (and Pillow's version) count only when images are re-encoded.
     stage = artifacts.StageDir(workdir / 'posts', 'ingest', {
-        'version': posts.store.STORE_VERSION, 'options': store_options,
+        'version': posts.store.STORE_VERSION, 'options': options.store_fingerprint(),
         'manifests': [artifacts.file_identity(m) for m in manifests]})
 
     def build():
-        report = posts.ingest(manifests, stage, options, config=config.to_dict())
+        report = ingest(manifests, stage, options, config=config.to_dict())
         log.info('%s', posts.summarize(report))
 
     return _run_or_skip(stage, build)
@@ -131,14 +143,16 @@ def _make_encoder(embed: ml_collections.ConfigDict, store: posts.PostsStore, out
 def embed_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
     posts_record = _finished_record(workdir / 'posts', 'ingest')
     stage = artifacts.StageDir(workdir / 'embeddings', 'embed', {
-        'posts': posts_record['fingerprint'], 'embed': config.embed.to_dict()})
+        'version': text.embed.FORMAT_VERSION, 'posts': posts_record['fingerprint'],
+        'embed': config.embed.to_dict()})
 
     def build():
         stage.prepare()
         store = posts.PostsStore(workdir / 'posts')
         encoder = _make_encoder(config.embed, store, stage.path)
+        # Chunks are post ranges: each process reads only the posts of its own chunks.
         summary = text.embed_comments(
-            text.iter_comments(store.iter_meta()), encoder, stage.path,
+            text.embed.PostComments(store), encoder, stage.path,
             mesh=_mesh(config),
             batch_size=config.embed.batch_size, chunk_size=config.embed.chunk_size)
         stage.finish(config.to_dict(), summary)
@@ -160,7 +174,7 @@ def cluster_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
         stage.prepare()
         summary = clustering.make_labels(
             posts.PostsStore(workdir / 'posts'), text.EmbeddingShards(workdir / 'embeddings'),
-            stage.path, clustering.ClusterSettings.from_config(config, workdir),
+            stage.path, clustering.ClusterSettings.from_config(config),
             mesh=_mesh(config))
         stage.finish(config.to_dict(), summary)
         log.info('cluster: report in %s', stage.path / 'report' / 'report.md')
@@ -190,7 +204,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, labels_dir: Path,
         log.info('train: up to date in %s, skipped', stage.path)
         return stage.record()
     start = time.perf_counter()
-    summary = train_loop.train(config, workdir, labels_dir=labels_dir, out_dir=out)
+    init = (checkpointing.Init(config.train.init,
+                               functools.partial(export.load_backbone, config.train.init))
+            if config.train.init else None)    # read only if the run starts from it
+    summary = train_loop.train(config, workdir, labels_dir=labels_dir, out_dir=out, init=init)
     if not summary['finished']:
         raise TrainingError(f'train: stopped at step {summary["final_step"]} of '
                             f'{summary["total_steps"]} (SIGTERM); rerun the same command to '
@@ -205,7 +222,7 @@ def supervised_labels_stage(config: ml_collections.ConfigDict, workdir: Path,
                             out: Path) -> Record:
     """Known classes per post (config.experiment.supervised_labels) as a one-head label store."""
     posts_record = _finished_record(workdir / 'posts', 'ingest')
-    csv_path, column = labels.parse_class_spec(config.experiment.supervised_labels, workdir)
+    csv_path, column = labels.parse_class_spec(config.experiment.supervised_labels)
     stage = artifacts.StageDir(out, 'supervised_labels', {
         'version': labels.LABELS_VERSION, 'posts': posts_record['fingerprint'],
         'csv': artifacts.file_identity(csv_path), 'column': column})
@@ -220,10 +237,37 @@ def supervised_labels_stage(config: ml_collections.ConfigDict, workdir: Path,
 
 
 def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
-    """The trained backbone as an evaluation export ({workdir}/export/vise by default)."""
-    if not config.export.source:
+    """The trained backbone as an evaluation export: config.export.source (the run's
+    checkpoints by default, or a weights file) -> config.export.out (default
+    {workdir}/export/vise). Reruns leave an identical export alone and replace a stale one (a
+    later step, other weights). Returns export.json's content. In a multi-process run every
+    process checks the source, process 0 writes the export and the others wait for it."""
+    source = config.export.source
+    if not source:
+        source = config.train.checkpoint_dir or str(workdir / 'train' / 'checkpoints')
+        if not epath.Path(source).exists():
+            raise InputError(f'{source}: no checkpoints to export; run the train stage first, '
+                             f'or set --config.export.source to a checkpoint directory or a '
+                             f'weights file')
         _finished_record(workdir / 'train', 'train')
-    return export.export_from_config(config, workdir)
+    out = Path(config.export.out or workdir / 'export' / 'vise')
+    step = None if config.export.step is None or config.export.step < 0 else config.export.step
+    options = dict(overwrite=True, torchvision=bool(config.export.torch))
+    local = '://' not in source
+    if local and (Path(source).is_file() or weight_files.is_weights_file(source)):
+        if step is not None:
+            raise InputError(f'config.export.step={step} applies to checkpoints, not to the '
+                             f'weights file {source}')
+        write = functools.partial(export.export_weights_file, source, out,
+                                  image_size=config.input.image_size, **options)
+    elif local and (Path(source) / export.META_FILE).is_file():
+        raise InputError(f'config.export.source={source} is already an export; use it '
+                         f'directly (config.eval.exports) or copy it')
+    else:
+        write = functools.partial(export.export_checkpoint, source, out, step=step, **options)
+    meta = export.written_by_process_zero(write, out)
+    log.info('export: %s -> %s', source, out)
+    return meta
 
 
 def baselines_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
@@ -231,13 +275,8 @@ def baselines_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
 
     Exports land beside VisE's in {workdir}/export, so the linear probes compare all of them.
     """
-    known = (experiment.SUPERVISED, experiment.RANDOM)
-    # A tuple in the config; 'supervised,random' from the command line arrives as one item.
-    names = [name.strip() for item in config.experiment.baselines for name in item.split(',')
-             if name.strip()]
-    unknown = set(names) - set(known)
-    if unknown:
-        raise InputError(f'config.experiment.baselines: unknown {sorted(unknown)}; known: {known}')
+    names = specs.parse_names(config.experiment.baselines, 'config.experiment.baselines',
+                              (experiment.SUPERVISED, experiment.RANDOM))
     records = {}
     for name in names:
         out = workdir / 'export' / name
@@ -273,8 +312,8 @@ def linear_eval_stage(config: ml_collections.ConfigDict, workdir: Path) -> Recor
     stage = artifacts.StageDir(workdir / 'eval', 'linear_eval', {
         'exports': {name: export.read_export_meta(path)['variables_sha256']
                     for name, path in exports.items()},
-        'datasets': [_dataset_identity(spec, workdir)
-                     for spec in (config.eval.train, config.eval.test)],
+        'datasets': [_dataset_identity(spec, key) for spec, key in (
+            (config.eval.train, 'config.eval.train'), (config.eval.test, 'config.eval.test'))],
         'eval': config.eval.to_dict(), 'input': config.input.to_dict(), 'seed': config.seed,
         'experiment': config.experiment.to_dict()})
 
@@ -282,7 +321,7 @@ def linear_eval_stage(config: ml_collections.ConfigDict, workdir: Path) -> Recor
         # A bad dataset spec must fail before the previous results (and feature cache) go.
         for spec, key in ((config.eval.train, 'config.eval.train'),
                           (config.eval.test, 'config.eval.test')):
-            evaluate.load_dataset(spec, workdir, key)
+            evaluate.load_dataset(spec, key)
         stage.prepare()
         results = evaluate.linear_eval(config, workdir, exports, stage.path)
         if jax.process_index() == 0:
@@ -297,11 +336,11 @@ def linear_eval_stage(config: ml_collections.ConfigDict, workdir: Path) -> Recor
     return record
 
 
-def _dataset_identity(spec: str, workdir: Path) -> Any:
+def _dataset_identity(spec: str, key: str) -> Any:
     """A downstream set's spec, with the identity of its CSV file when it is one."""
-    kind, _, rest = expand_workdir(spec, workdir).partition(':')
-    return [spec, artifacts.file_identity(rest) if kind == 'csv' and os.path.isfile(rest)
-            else None]
+    parsed = evaluate.parse_dataset_spec(spec, key)
+    return [spec, artifacts.file_identity(parsed.path)
+            if parsed.kind == 'csv' and os.path.isfile(parsed.path) else None]
 
 
 def experiment_report(results: Record, workdir: Path) -> Path:
@@ -338,12 +377,135 @@ STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], Record | None]] = 
 }
 
 
+def _outputs(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Path]:
+    """Where each stage's output is, as the stages after it read it."""
+    return {'demo_world': workdir / 'world', 'ingest': workdir / 'posts',
+            'embed': workdir / 'embeddings', 'cluster': workdir / 'labels',
+            'train': workdir / 'train',
+            'export': Path(config.export.out or workdir / 'export' / 'vise'),
+            'baselines': workdir / 'baselines', 'linear_eval': workdir / 'eval'}
+
+
+def _is_finished(config: ml_collections.ConfigDict, workdir: Path, name: str) -> bool:
+    out = _outputs(config, workdir)[name]
+    if name == 'export':
+        return (out / export.META_FILE).is_file()
+    return (out / artifacts.STAGE_RECORD).is_file()
+
+
+def _needs(config: ml_collections.ConfigDict, workdir: Path, name: str) -> list[str]:
+    """The stages whose finished output stage `name` reads, in this config."""
+    if name == 'ingest':
+        return ['demo_world'] if config.demo.enabled else []
+    if name == 'embed':
+        return ['ingest']
+    if name == 'cluster':
+        return ['embed', 'ingest']
+    if name == 'train':
+        return ['cluster', 'ingest']
+    if name == 'export':
+        return [] if config.export.source else ['train']
+    if name == 'baselines':
+        names = specs.parse_names(config.experiment.baselines, 'config.experiment.baselines',
+                                  (experiment.SUPERVISED, experiment.RANDOM))
+        return ['ingest'] if experiment.SUPERVISED in names else []
+    if name == 'linear_eval':
+        exports = workdir / 'export'
+        found = exports.is_dir() and any(exports.glob(f'*/{export.META_FILE}'))
+        return [] if config.eval.exports.strip() or found else ['export']
+    return []
+
+
+def check_inputs(config: ml_collections.ConfigDict, workdir: Path, stages: Sequence[str],
+                 command: Callable[[str], str] | None = None) -> None:
+    """Raises, before anything is written, when a stage would start without its inputs.
+
+    The message names the first unfinished stage of the chain, and how to start it (the
+    `command` for a stage name, when given), instead of one stage upstream per attempt.
+    A stage counts as ready when its output is finished or it runs earlier in `stages`.
+    """
+    def ready(name: str) -> bool:
+        return name in stages or _is_finished(config, workdir, name)
+
+    outputs = _outputs(config, workdir)
+
+    def shown(name: str) -> str:
+        path = outputs[name]
+        return path.name if path.parent == workdir else str(path)
+
+    for name in (name for name in STAGES if name in stages):
+        levels, seen = [], set()
+        frontier = [need for need in _needs(config, workdir, name) if not ready(need)]
+        while frontier:
+            levels.append(frontier)
+            seen.update(frontier)
+            frontier = list(dict.fromkeys(
+                need for stage in frontier for need in _needs(config, workdir, stage)
+                if need not in seen and not ready(need)))
+        if not levels:
+            continue
+        missing = [stage for stage in STAGES if stage in seen]
+        first = missing[0]
+        text = f'{name} needs ' + ' and '.join(str(outputs[need]) for need in levels[0])
+        for before, level in zip(levels, levels[1:], strict=False):
+            verb = 'needs' if len(before) == 1 else 'need'
+            text += f', which {verb} ' + ' and '.join(shown(need) for need in level)
+        text += (', which is not finished' if len(missing) == 1 else
+                 ': neither is finished' if len(missing) == 2 else
+                 ': none of them is finished')
+        start = command(first) if command else f'the {first} stage'
+        raise InputError(f'{text}; start with {start}')
+
+
+def lock_workdir(workdir: Path):
+    """Process 0 takes the workdir's lock; every process learns whether it did.
+
+    Taken once per run, not per process: the others never touch the lock file. Process 0's
+    outcome is broadcast, so when it fails (another run holds the workdir) every process raises
+    at once instead of waiting in the stages' first collective for a process that has gone.
+    """
+    from vise_jax import workdir_lock
+
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return workdir_lock.acquire(workdir)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    lock = error = None
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_lock.acquire(workdir)
+        except Exception as e:   # any failure: the others must hear of it, not hang
+            error = e
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if error is not None:
+        raise error
+    if not ok:
+        raise workdir_lock.WorkdirBusy(f'{workdir}: process 0 could not lock it (its log says '
+                                       'why); stopping')
+    workdir.mkdir(parents=True, exist_ok=True)
+    return lock
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-        stages: Sequence[str] = tuple(STAGES)) -> dict[str, Record | None]:
-    """Runs the named stages in pipeline order; returns each stage's record."""
+        stages: Sequence[str] = tuple(STAGES), *,
+        command: Callable[[str], str] | None = None) -> dict[str, Record | None]:
+    """Runs the named stages in pipeline order; returns each stage's record.
+
+    '{workdir}' in the config's strings is expanded here, once: the library sees plain paths.
+    Stages missing their inputs fail before anything is created (`check_inputs`; `command`
+    turns a stage name into the command that runs it, for the message). The workdir is locked
+    while the stages run (vise_jax/workdir_lock.py): a second run on it fails at once.
+    """
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise InputError(f'unknown stages {sorted(unknown)}; known: {list(STAGES)}')
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    return {name: STAGES[name](config, workdir) for name in STAGES if name in stages}
+    config = with_workdir(config, workdir)
+    check_inputs(config, workdir, stages, command)
+    lock = lock_workdir(workdir)
+    try:
+        return {name: STAGES[name](config, workdir) for name in STAGES if name in stages}
+    finally:
+        if lock is not None:
+            lock.release()

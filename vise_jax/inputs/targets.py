@@ -9,8 +9,10 @@ Every head gives `{'ids': int32 [B, M], 'probs': float32 [B, M]}`:
 
 Unused slots have id 0 and prob 0; a post without the signal, or a padding row (index -1), has
 all-zero probs, which the loss reads as masked. Shapes never depend on the data, so nothing
-recompiles. Everything is computed per batch with array operations on the CSR label arrays;
-nothing per post is precomputed (at 250M posts that would not fit).
+recompiles. Everything is computed per batch with array operations on the CSR label arrays,
+which are memory-mapped (labels.load_head): a batch reads the pages of its own posts' offsets and
+ids, so a process's resident memory does not grow with the number of posts, and the processes
+and Grain workers of a host share one copy in the page cache. Nothing per post is precomputed.
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ def reaction_targets(post_clusters: np.ndarray, posts: np.ndarray) -> tuple[np.n
 class PostTargets:
     """Callable: post indices -> {'targets': {head: {'ids', 'probs'}}}.
 
-    Pickles as the label directory and head specs; each process (Grain worker) loads the label
-    arrays on first use, so a worker starts without copying them through a pipe.
+    Pickles as the label directory and head specs; each process (Grain worker) memory-maps the
+    label arrays on first use, so a worker starts without copying them through a pipe and reads
+    only the parts its batches touch.
     """
 
     def __init__(self, labels_dir: str | Path, heads: dict[str, HeadSpec]):

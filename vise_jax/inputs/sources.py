@@ -37,13 +37,15 @@ import grain
 import numpy as np
 
 from vise_jax.errors import InputError
+from vise_jax.posts import images, validate
 from vise_jax.posts import store as store_lib
-from vise_jax.posts import validate
 
 IMAGE_SUFFIXES = frozenset({'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'})
 SINGLE_LABEL = 'single_label'
 MULTI_LABEL = 'multi_label'
 MULTI_LABEL_SEPARATOR = '|'
+# File-backed readers never read more than this of one image file.
+MAX_FILE_BYTES = 256 * 2 ** 20
 
 
 class ImageReader(Protocol):
@@ -82,10 +84,16 @@ class StoreImages:
 
 
 class FileImages:
-    """Images listed by path (or, for a manifest's image_b64 rows, given inline as bytes)."""
+    """Images listed by path (or, for a manifest's image_b64 rows, given inline as bytes).
 
-    def __init__(self, entries: Sequence[str | bytes]):
+    A file is read only if it is a regular file of at most `max_bytes` (posts.images
+    .read_image_file): a path to a device such as /dev/zero, a FIFO or a huge file reads as
+    None (a bad image), never as an endless read.
+    """
+
+    def __init__(self, entries: Sequence[str | bytes], max_bytes: int = MAX_FILE_BYTES):
         self.entries = list(entries)
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -93,14 +101,12 @@ class FileImages:
     def read(self, indices: Sequence[int]) -> list[bytes | None]:
         return [self._read_one(self.entries[int(i)]) for i in indices]
 
-    @staticmethod
-    def _read_one(entry: str | bytes) -> bytes | None:
+    def _read_one(self, entry: str | bytes) -> bytes | None:
         if isinstance(entry, bytes):
             return entry
         try:
-            with open(entry, 'rb') as f:
-                return f.read()
-        except OSError:
+            return images.read_image_file(entry, self.max_bytes)
+        except (OSError, ValueError):  # missing, not a regular file, too large
             return None
 
     def describe(self, index: int) -> str:
@@ -156,27 +162,42 @@ def store_post_ids(store_dir: str | os.PathLike) -> list[str]:
 
 
 def manifest_posts(manifests: Sequence[str | os.PathLike], image_root: str,
-                   reaction_types: Sequence[str]) -> tuple[FileImages, list[str]]:
+                   reaction_types: Sequence[str],
+                   accepted_ids: Sequence[str] | None = None) -> tuple[FileImages, list[str]]:
     """(images, post ids) of the rows of posts.jsonl manifests, in order.
 
-    Rows are parsed by the ingest validator; a row with a field error, or repeating an earlier
-    id, is left out as ingest leaves it out. Images are not opened here: an image that has gone
-    missing or is corrupt becomes a bad-image code in its batch.
+    Rows are parsed by the ingest validator. With `accepted_ids` (the posts store's ids, in
+    its order: store_post_ids), exactly the rows ingest accepted are kept, so the sequence is
+    the store's and labels made from the store line up, also when ingest rejected rows for
+    their images; a manifest that no longer yields that sequence is an error. Without it, a row
+    with a field error, or repeating an earlier row's id, is left out as ingest leaves it out,
+    but rows ingest rejected for their image are kept. Images are not opened here: an image
+    that has gone missing or is corrupt becomes a bad-image code in its batch.
     """
-    root = Path(image_root) if image_root else None
+    options = validate.RowOptions(reaction_types=tuple(reaction_types), image_root=image_root)
+    keep = None if accepted_ids is None else frozenset(accepted_ids)
     entries: list[str | bytes] = []
     post_ids: list[str] = []
     seen: set[str] = set()
     for line in validate.iter_manifest_lines(manifests):
         if line.is_blank:
             continue
-        draft = validate.parse_line(line, reaction_types, root)
-        if draft.errors or draft.post_id in seen:
+        draft = validate.parse_line(line, options)
+        if draft.post_id is None or draft.post_id in seen:
             continue
-        seen.add(draft.post_id)
+        seen.add(draft.post_id)  # the first row with an id owns it, accepted or not (as ingest)
+        if (draft.errors if keep is None else draft.post_id not in keep):
+            continue
         post_ids.append(draft.post_id)
         entries.append(str(draft.image_path) if draft.image_path is not None
                        else draft.image_bytes)
+    if accepted_ids is not None and post_ids != list(accepted_ids):
+        missing = next((i for i in accepted_ids if i not in seen), None)
+        raise InputError(
+            f'{[str(m) for m in manifests]} no longer hold the posts the posts store was made '
+            f'from ({len(post_ids)} of its {len(accepted_ids)} posts found'
+            + (f'; e.g. no row has id {missing!r}' if missing is not None else '')
+            + '): rerun ingest (and the stages after it), or use input.pretrain_images=store')
     if not post_ids:
         raise InputError(f'no usable rows in {[str(m) for m in manifests]}')
     return FileImages(entries), post_ids

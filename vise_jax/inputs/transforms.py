@@ -16,6 +16,10 @@ Randomness is not drawn from a generator the pipeline carries: `example_uniforms
 same whatever the batch size, worker count or number of hosts, and a restored iterator repeats
 it exactly.
 
+Decoding is vise_jax.posts.images, the same decode ingest validates with: every Pillow mode to
+8-bit RGB (16-bit and float greyscale scaled, not clipped; transparency over white) and the
+EXIF orientation applied, so crops are planned on the upright image.
+
 A transform writes into a preallocated row of the batch and returns a reason code from
 bad_images; a bad image leaves its row black.
 """
@@ -23,7 +27,6 @@ bad_images; a bad image leaves its row black.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from collections.abc import Callable, Sequence
 
@@ -31,7 +34,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vise_jax.errors import InputError
-from vise_jax.input.bad_images import NOT_AN_IMAGE, OK, TOO_LARGE, TRUNCATED, UNDECODABLE
+from vise_jax.inputs.bad_images import NOT_AN_IMAGE, OK, TOO_LARGE, TRUNCATED, UNDECODABLE
+from vise_jax.posts import images
 
 CROP_ATTEMPTS = 10
 # Per crop attempt: area, log aspect ratio, top, left; then one for the flip.
@@ -111,47 +115,35 @@ def draft_scale(box: Box, size: int) -> int:
     return next(s for s in DRAFT_SCALES if s <= across or s == 1)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB; transparency is composited over white, as a light page shows it."""
-    if image.mode == 'RGB':
-        return image
-    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-        rgba = image.convert('RGBA')
-        white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert('RGB')
-    return image.convert('RGB')
-
-
-# What PIL raises on malformed files, besides UnidentifiedImageError and DecompressionBombError.
-PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError)
+# The one decode ingest and training share (modes, EXIF orientation, limits): posts.images.
+to_rgb = images.to_rgb
+PIL_DECODE_ERRORS = images.DECODE_ERRORS
 
 
 def decode_crop(data: bytes, out: np.ndarray, plan: Callable[[int, int], tuple[Box, bool]],
                 max_pixels: int) -> int:
     """Decodes `data`, crops plan(width, height)'s box, resizes into `out`; a reason code.
 
-    `out` (HxWx3 uint8) is written only on success, so a bad image leaves it as it was. Only
-    PIL's calls are guarded: an error in the plan is a bug and propagates.
+    The plan sees the upright size (EXIF orientation applied) and its box is in upright
+    pixels. `out` (HxWx3 uint8) is written only on success, so a bad image leaves it as it
+    was. Only PIL's calls are guarded: an error in the plan is a bug and propagates.
     """
     size = out.shape[0]
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
+        opened = images.open_image(data, max_pixels)
+    except images.TooLarge:
         return TOO_LARGE
     except UnidentifiedImageError:
         return NOT_AN_IMAGE
     except PIL_DECODE_ERRORS as e:
         return failure_reason(e)
-    with image:
-        width, height = image.size
-        if width * height > max_pixels:
-            return TOO_LARGE
-        box, flip = plan(width, height)
-        scale = draft_scale(box, size)
+    with opened:
+        box, flip = plan(opened.width, opened.height)
         try:
-            if scale > 1 and image.draft('RGB', (width // scale, height // scale)) is not None:
+            rgb, scale = opened.decode(draft_scale(box, size))
+            if scale > 1:
                 box = (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
-            resized = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
+            resized = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
             if flip:  # PIL flips in a third of the time of a negative-stride numpy copy
                 resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             pixels = np.asarray(resized)

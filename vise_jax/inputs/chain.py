@@ -60,11 +60,11 @@ from absl import flags
 from jax.sharding import Mesh
 
 from vise_jax.cluster import labels as labels_lib
-from vise_jax.configlib import expand_workdir
 from vise_jax.errors import InputError
-from vise_jax.input import sources, targets, transforms
-from vise_jax.input.bad_images import MISSING_FILE, OK
-from vise_jax.input.batching import local_batch_size
+from vise_jax.inputs import sources, targets, transforms
+from vise_jax.inputs.bad_images import MISSING_FILE, OK
+from vise_jax.inputs.batching import local_batch_size
+from vise_jax.posts.manifests import resolve_manifests
 
 TRAIN = 'train'
 EVAL = 'eval'
@@ -343,12 +343,12 @@ def _pretrain_images(config: ml_collections.ConfigDict,
     if kind == STORE_IMAGES:
         return sources.StoreImages(workdir / 'posts'), sources.store_post_ids(workdir / 'posts')
     if kind == MANIFEST_IMAGES:
-        # Imported here: vise_jax.pipeline's training stage imports this package.
-        from vise_jax.pipeline import resolve_manifests
-
-        manifests = resolve_manifests(config.posts.manifest, workdir)
-        return sources.manifest_posts(manifests, expand_workdir(config.posts.image_root, workdir),
-                                      tuple(config.posts.reaction_types))
+        # The store's ids keep exactly the rows ingest accepted, in its order, so the labels
+        # (made from the store) line up even when ingest rejected rows for their images.
+        manifests = resolve_manifests(config.posts.manifest)
+        return sources.manifest_posts(manifests, config.posts.image_root,
+                                      tuple(config.posts.reaction_types),
+                                      accepted_ids=sources.store_post_ids(workdir / 'posts'))
     raise InputError(f"input.pretrain_images must be '{STORE_IMAGES}' or '{MANIFEST_IMAGES}', "
                      f'got {kind!r}')
 
