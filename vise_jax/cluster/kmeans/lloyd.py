@@ -29,9 +29,9 @@ from vise_jax.cluster.kmeans.passes import (
     pass_fn,
     pass_rows,
 )
-from vise_jax.cluster.kmeans.seeding import seed_centroids
+from vise_jax.cluster.kmeans.seeding import start
 from vise_jax.cluster.kmeans.shards import replicate
-from vise_jax.cluster.kmeans.space import from_working_space, prepare_fn, to_working_space
+from vise_jax.cluster.kmeans.space import from_working_space
 
 
 def fit(x: np.ndarray, options: KMeansOptions, mesh: Mesh | None = None,
@@ -45,16 +45,7 @@ def fit(x: np.ndarray, options: KMeansOptions, mesh: Mesh | None = None,
     checks.check_resolvable(x, options.metric, 'k-means')
     init_centroids = checks.checked_centroids(init_centroids, options, x.shape[1])
     mesh = mesh if mesh is not None else sharding.make_mesh()
-    raw, weights = sharding.put_rows(x, mesh)
-    rows, shift, spread = prepare_fn(mesh, options.metric)(raw, weights)
-    del raw
-    shift = np.asarray(shift, np.float64)
-    spread = float(spread)
-    checks.check_spread(spread, 'k-means')
-    if init_centroids is None:
-        centroids = seed_centroids(rows, weights, options, mesh)
-    else:
-        centroids = to_working_space(init_centroids, shift, options.metric)
+    rows, weights, centroids, shift, spread = start(x, options, init_centroids, mesh, 'k-means')
     return _lloyd(rows, weights, centroids, shift, spread, options, mesh)
 
 

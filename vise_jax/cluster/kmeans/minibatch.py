@@ -27,12 +27,10 @@ from vise_jax.cluster.kmeans.passes import (
     pass_fn,
     pass_rows,
 )
-from vise_jax.cluster.kmeans.seeding import seed_centroids
+from vise_jax.cluster.kmeans.seeding import start
 from vise_jax.cluster.kmeans.shards import replicate
 from vise_jax.cluster.kmeans.space import (
     from_working_space,
-    prepare_fn,
-    to_working_space,
     transform_fn,
     unit_rows,
 )
@@ -149,15 +147,8 @@ def _start_minibatch(sample: np.ndarray, options: KMeansOptions, mesh: Mesh,
     """Seeds from the sample (or takes init_centroids) and fixes the working space from it."""
     checks.check_resolvable(sample, options.metric, 'k-means mini-batch')
     init_centroids = checks.checked_centroids(init_centroids, options, sample.shape[1])
-    raw, weights = sharding.put_rows(sample, mesh)
-    rows, shift, spread = prepare_fn(mesh, options.metric)(raw, weights)
-    shift = np.asarray(shift, np.float64)
-    spread = float(spread)
-    checks.check_spread(spread, 'k-means mini-batch')
-    if init_centroids is None:
-        centroids = seed_centroids(rows, weights, options, mesh)
-    else:
-        centroids = to_working_space(init_centroids, shift, options.metric)
+    _, _, centroids, shift, spread = start(sample, options, init_centroids, mesh,
+                                           'k-means mini-batch')
     return _MiniBatchState(centroids, centroids.astype(np.float64), np.zeros(options.k),
                            shift, spread)
 

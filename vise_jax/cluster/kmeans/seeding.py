@@ -11,10 +11,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vise_jax import sharding
+from vise_jax.cluster.kmeans import checks
 from vise_jax.cluster.kmeans.matmul import HIGHEST, splits_products
 from vise_jax.cluster.kmeans.options import EUCLIDEAN, KMEANS_PARALLEL, RANDOM, KMeansOptions
 from vise_jax.cluster.kmeans.passes import PassStats, chunk_rows, no_ids, pass_fn, pass_rows
 from vise_jax.cluster.kmeans.shards import ROWS, WHOLE, global_top, replicate
+from vise_jax.cluster.kmeans.space import prepare_fn, to_working_space
 
 _CANDIDATE_BUCKET = 256       # k-means|| candidate sets are padded to a multiple of this
 # Purposes of the random streams derived from the seed; distinct so that no two draws correlate.
@@ -222,3 +224,23 @@ def _recluster(candidates: np.ndarray, candidate_weights: np.ndarray, k: int,
     place = functools.partial(jax.device_put, device=sharding.row_sharding(mesh))
     return _kmeans_plus_plus(place(candidates.astype(np.float32)),
                              place(candidate_weights.astype(np.float32)), k, key, mesh)
+
+
+def start(x: np.ndarray, options: KMeansOptions, init_centroids: np.ndarray | None, mesh: Mesh,
+          what: str):
+    """The rows on the mesh in the working space, and the centroids k-means starts from.
+
+    Returns (rows, weights, centroids, shift, spread); `init_centroids` (already checked)
+    replaces the seeding given by `options.init`; `what` names the caller in errors.
+    """
+    raw, weights = sharding.put_rows(x, mesh)
+    rows, shift, spread = prepare_fn(mesh, options.metric)(raw, weights)
+    del raw
+    shift = np.asarray(shift, np.float64)
+    spread = float(spread)
+    checks.check_spread(spread, what)
+    if init_centroids is None:
+        centroids = seed_centroids(rows, weights, options, mesh)
+    else:
+        centroids = to_working_space(init_centroids, shift, options.metric)
+    return rows, weights, centroids, shift, spread
