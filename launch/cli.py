@@ -42,6 +42,9 @@ _COORDINATOR = flags.DEFINE_string(
     '(clusters and TPU pods are detected from the environment).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
+_TIMEOUT_S = flags.DEFINE_integer(
+    'distributed_timeout_s', None, 'Multi-process runs: seconds a process waits for the others '
+    'to join, to answer and at barriers (default: JAX\'s 300 s); raise it on slow starts.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 USAGE_ERROR = 2
@@ -103,6 +106,7 @@ def help_text(stages: Sequence[str]) -> str:
         ('--workdir=DIR', flags.FLAGS['workdir'].help + ' Required.'),
         ('--coordinator_address=HOST:PORT', flags.FLAGS['coordinator_address'].help),
         ('--num_processes=N --process_id=I', flags.FLAGS['num_processes'].help),
+        ('--distributed_timeout_s=S', flags.FLAGS['distributed_timeout_s'].help),
         ('--help, --helpfull', "This text; --helpfull adds every flag of absl and JAX."),
     ]
     lines = [doc, '', f'Stages run by this script: {", ".join(stages)}.', '', 'Flags:']
@@ -272,7 +276,8 @@ def run_stages(stages: Sequence[str], sweep: bool = False) -> None:
         # Orbax and Grain log every save and worker event through absl at INFO: keep warnings.
         for noisy in ('absl', 'jax'):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               timeout_s=_TIMEOUT_S.value)
         logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
         try:
             if sweep:

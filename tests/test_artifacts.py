@@ -49,6 +49,21 @@ def test_stage_lifecycle(tmp_path):
     assert not (changed.path / 'chunk-0').exists()
 
 
+def test_a_stale_linked_stage_is_rebuilt_in_its_target_and_keeps_the_link(tmp_path):
+    target, link = tmp_path / 'shared' / 'labels-1', tmp_path / 'run' / 'labels'
+    target.mkdir(parents=True)
+    link.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)
+    old = artifacts.StageDir(link, 'demo', {'k': 1})
+    old.prepare()
+    old.finish({}, {})
+    changed = artifacts.StageDir(link, 'demo', {'k': 2})
+    changed.prepare()
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert not (target / artifacts.STAGE_RECORD).exists()
+    assert (target / artifacts.PARTIAL_RECORD).exists()
+
+
 def test_stage_refuses_to_delete_a_directory_it_did_not_make(tmp_path):
     (tmp_path / 's').mkdir()
     (tmp_path / 's' / 'precious.txt').write_text('user data')
@@ -142,7 +157,7 @@ def test_only_process_zero_locks_and_every_process_stops_when_it_cannot(tmp_path
         assert shared == [0]
         # Process 1 never touches the lock file and stops on process 0's word.
         monkeypatch.setattr(jax, 'process_index', lambda: 1)
-        with pytest.raises(workdir_lock.WorkdirBusy, match='process 0 could not lock it'):
+        with pytest.raises(workdir_lock.WorkdirBusy, match='locking it: process 0 failed'):
             stages.lock_workdir(tmp_path)
     finally:
         holder.kill()

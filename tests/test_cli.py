@@ -16,7 +16,8 @@ def test_help_lists_the_flags_and_every_config_section():
     result = run_launch('train.py', '--help')
     assert result.returncode == 0, result.stderr
     for flag in ('--config=', '--config.SECTION.KEY=VALUE', '--workdir=',
-                 '--coordinator_address=', '--num_processes=', '--process_id='):
+                 '--coordinator_address=', '--num_processes=', '--process_id=',
+                 '--distributed_timeout_s='):
         assert flag in result.stdout
     assert result.stdout.startswith('Trains the multi-head ResNet')   # the script's docstring
     for section in configlib.default_config():

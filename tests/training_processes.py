@@ -59,15 +59,17 @@ def free_port() -> int:
 
 
 def run_processes(workdir: Path, args: list[str], *, devices: int, cache_dir: Path,
-                  num_processes: int = 1, timeout: float = TIMEOUT_S) -> list[Result]:
-    """Runs the driver in `num_processes` processes (one jax.distributed job when more than
-    one) and waits for all; returns their results in process order."""
+                  num_processes: int = 1, timeout: float = TIMEOUT_S,
+                  script: Path = DRIVER) -> list[Result]:
+    """Runs `script` (the training driver, or a launch script: they take the same
+    --workdir and process flags) in `num_processes` processes (one jax.distributed job when
+    more than one) and waits for all; returns their results in process order."""
     logs = workdir.parent / f'{workdir.name}-logs-{time.monotonic_ns()}'
     logs.mkdir()
     commands = []
     port = free_port() if num_processes > 1 else None
     for index in range(num_processes):
-        command = [sys.executable, str(DRIVER), f'--workdir={workdir}', *args]
+        command = [sys.executable, str(script), f'--workdir={workdir}', *args]
         if port is not None:
             command += [f'--coordinator_address=127.0.0.1:{port}',
                         f'--num_processes={num_processes}', f'--process_id={index}']

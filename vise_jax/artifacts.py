@@ -109,7 +109,7 @@ class StageDir:
     def prepare(self) -> None:
         """Makes the directory ready to (re)start work; keeps matching partial work to resume."""
         self._remove_if_stale()
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.resolve().mkdir(parents=True, exist_ok=True)   # a link's target, for a sweep
         partial = self.path / PARTIAL_RECORD
         if partial.exists():
             log.info('%s: resuming partial work in %s', self.name, self.path)
@@ -145,7 +145,8 @@ class StageDir:
         log.warning('%s: %s was made with another config or input (fingerprint %s, now %s); '
                     'rebuilding it', self.name, self.path, found.get('fingerprint'),
                     self.fingerprint)
-        shutil.rmtree(self.path)
+        # A sweep links outputs runs share (vise_jax/sweep.py): empty the target, keep the link.
+        shutil.rmtree(self.path.resolve())
 
 
 def _read_json_or_none(path: Path) -> Any:

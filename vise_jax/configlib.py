@@ -7,6 +7,7 @@ only state what differs and `--config.x.y=...` overrides are type-checked agains
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import ml_collections
 
@@ -55,16 +56,22 @@ def with_workdir(config: ml_collections.ConfigDict, workdir) -> ml_collections.C
 
     Done once where a stage reads its config, so the library only ever sees plain paths.
     """
-    def expand(value):
+    return map_strings(config, lambda value: expand_workdir(value, workdir))
+
+
+def map_strings(config: ml_collections.ConfigDict,
+                change: Callable[[str], str]) -> ml_collections.ConfigDict:
+    """A copy of `config` with `change` applied to every string, in tuples and lists too."""
+    def apply(value):
         if isinstance(value, str):
-            return expand_workdir(value, workdir)
+            return change(value)
         if isinstance(value, tuple | list):
-            return type(value)(expand(item) for item in value)
+            return type(value)(apply(item) for item in value)
         if isinstance(value, dict):
-            return {key: expand(item) for key, item in value.items()}
+            return {key: apply(item) for key, item in value.items()}
         return value
 
-    return ml_collections.ConfigDict(expand(config.to_dict()))
+    return ml_collections.ConfigDict(apply(config.to_dict()))
 
 
 def demo_world_knobs() -> dict:

@@ -147,7 +147,7 @@ def embed_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
         'embed': config.embed.to_dict()})
 
     def build():
-        stage.prepare()
+        on_process_zero(stage.prepare, 'embed')
         store = posts.PostsStore(workdir / 'posts')
         encoder = _make_encoder(config.embed, store, stage.path)
         # Chunks are post ranges: each process reads only the posts of its own chunks.
@@ -155,7 +155,7 @@ def embed_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
             text.embed.PostComments(store), encoder, stage.path,
             mesh=_mesh(config),
             batch_size=config.embed.batch_size, chunk_size=config.embed.chunk_size)
-        stage.finish(config.to_dict(), summary)
+        on_process_zero(lambda: stage.finish(config.to_dict(), summary), 'embed')
         log.info('embed: %d comments embedded (%d empty skipped) with %s',
                  summary['num_embedded'], summary['num_empty'], encoder.name)
 
@@ -171,12 +171,12 @@ def cluster_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
         'cluster': config.cluster.to_dict()})
 
     def build():
-        stage.prepare()
+        on_process_zero(stage.prepare, 'cluster')
         summary = clustering.make_labels(
             posts.PostsStore(workdir / 'posts'), text.EmbeddingShards(workdir / 'embeddings'),
             stage.path, clustering.ClusterSettings.from_config(config),
             mesh=_mesh(config))
-        stage.finish(config.to_dict(), summary)
+        on_process_zero(lambda: stage.finish(config.to_dict(), summary), 'cluster')
         log.info('cluster: report in %s', stage.path / 'report' / 'report.md')
 
     return _run_or_skip(stage, build)
@@ -213,9 +213,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, labels_dir: Path,
                             f'{summary["total_steps"]} (SIGTERM); rerun the same command to '
                             'continue from the checkpoint just saved')
     log.info('train: done in %.1f s -> %s', time.perf_counter() - start, stage.path)
-    if jax.process_index() == 0:
-        return stage.finish(config.to_dict(), summary)
-    return stage.record() or {}
+    on_process_zero(lambda: stage.finish(config.to_dict(), summary), 'train')
+    return stage.record()
 
 
 def supervised_labels_stage(config: ml_collections.ConfigDict, workdir: Path,
@@ -293,7 +292,9 @@ def baselines_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
 def _supervised_baseline(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """Trains the VisE run's model, schedule and budget on one known class per post."""
     base = workdir / 'baselines' / experiment.SUPERVISED
-    labels_record = supervised_labels_stage(config, workdir, base / 'labels')
+    on_process_zero(lambda: supervised_labels_stage(config, workdir, base / 'labels'),
+                     'supervised_labels')
+    labels_record = _finished_record(base / 'labels', 'supervised_labels')
     baseline = copy.deepcopy(config)
     with baseline.unlocked():
         baseline.input.heads = ()            # the label store's one class head
@@ -322,12 +323,15 @@ def linear_eval_stage(config: ml_collections.ConfigDict, workdir: Path) -> Recor
         for spec, key in ((config.eval.train, 'config.eval.train'),
                           (config.eval.test, 'config.eval.test')):
             evaluate.load_dataset(spec, key)
-        stage.prepare()
+        on_process_zero(stage.prepare, 'linear_eval')
         results = evaluate.linear_eval(config, workdir, exports, stage.path)
-        if jax.process_index() == 0:
+
+        def finish():
             if config.experiment.baselines:
                 experiment_report(results, workdir)
             stage.finish(config.to_dict(), {'results': results['results']})
+
+        on_process_zero(finish, 'linear_eval')
 
     record = _run_or_skip(stage, build)
     report = workdir / EXPERIMENT_REPORT
@@ -365,9 +369,43 @@ def experiment_report(results: Record, workdir: Path) -> Path:
         sections=sections)
 
 
+def on_process_zero(work: Callable[[], Any], what: str,
+                     failure: type[Exception] = TrainingError) -> Any:
+    """Runs `work` on process 0 only and returns its result there (None elsewhere); every
+    process returns once it has finished, or raises if it failed (process 0 its own error, the
+    others `failure`). N processes on one shared workdir thus write a stage's directory and
+    record once, and none reads them half-written."""
+    if jax.process_count() == 1:
+        return work()
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    result = error = None
+    if jax.process_index() == 0:
+        try:
+            result = work()
+        except Exception as e:   # the others must hear of it, not wait for the outcome
+            error = e
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if error is not None:
+        raise error
+    if not ok:
+        raise failure(f'{what}: process 0 failed (its log says why); stopping')
+    return result
+
+
+def _by_process_zero(stage: Callable[[ml_collections.ConfigDict, Path], Record | None]):
+    """A stage that one process writes whole (the world, the posts store)."""
+    @functools.wraps(stage)
+    def run_once(config: ml_collections.ConfigDict, workdir: Path) -> Record | None:
+        return on_process_zero(lambda: stage(config, workdir), stage.__name__)
+
+    return run_once
+
+
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path], Record | None]] = {
-    'demo_world': demo_world_stage,
-    'ingest': ingest_stage,
+    'demo_world': _by_process_zero(demo_world_stage),
+    'ingest': _by_process_zero(ingest_stage),
     'embed': embed_stage,
     'cluster': cluster_stage,
     'train': train_stage,
@@ -458,31 +496,16 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: Path, stages: Seque
 
 
 def lock_workdir(workdir: Path):
-    """Process 0 takes the workdir's lock; every process learns whether it did.
+    """Process 0 takes the workdir's lock (returned there; None elsewhere).
 
-    Taken once per run, not per process: the others never touch the lock file. Process 0's
-    outcome is broadcast, so when it fails (another run holds the workdir) every process raises
-    at once instead of waiting in the stages' first collective for a process that has gone.
+    Taken once per run, not per process: the others never touch the lock file. When process 0
+    fails (another run holds the workdir) every process raises at once, instead of waiting in
+    the stages' first collective for a process that has gone.
     """
     from vise_jax import workdir_lock
 
-    if not jax.distributed.is_initialized() or jax.process_count() == 1:
-        return workdir_lock.acquire(workdir)
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    lock = error = None
-    if jax.process_index() == 0:
-        try:
-            lock = workdir_lock.acquire(workdir)
-        except Exception as e:   # any failure: the others must hear of it, not hang
-            error = e
-    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-    if error is not None:
-        raise error
-    if not ok:
-        raise workdir_lock.WorkdirBusy(f'{workdir}: process 0 could not lock it (its log says '
-                                       'why); stopping')
+    lock = on_process_zero(lambda: workdir_lock.acquire(workdir), f'{workdir}: locking it',
+                            failure=workdir_lock.WorkdirBusy)
     workdir.mkdir(parents=True, exist_ok=True)
     return lock
 
