@@ -5,7 +5,7 @@ keys hold small lists and mappings. They are all read here, and every complaint 
 
   config.train.head_weights='a=x': 'x' is not a number (expected 'NAME=NUMBER,...')
 
-`{workdir}` is not expanded here: stages.resolve_workdir does that once for the whole config.
+`{workdir}` is not expanded here: configlib.with_workdir does that once for the whole config.
 """
 
 from __future__ import annotations
