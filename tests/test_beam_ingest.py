@@ -89,6 +89,24 @@ def test_beam_store_is_the_local_store(manifest_maker, tmp_path):
     assert len(posts.PostsStore(tmp_path / 'beam').index['shards']) < shards
 
 
+def test_shard_workers_seek_to_their_lines(manifest_maker, tmp_path, monkeypatch):
+    """Workers read their shard's lines from the manifests, seeking to a byte offset kept every
+    _STRIDE lines: with a stride of 2 and 3 rows per shard, shards start at every position
+    relative to a kept offset, mid-file and across files, and after a too-long line."""
+    monkeypatch.setattr(beam_ingest, '_STRIDE', 2)    # the in-process runner sees it
+    m = manifest_maker
+    long_rows = m.write([m.post('a'), m.post('long', comments=['x' * 5000]), m.post('b'),
+                         '{"id": "' + 'y' * 3000, m.post('c'), m.post('d')], name='long.jsonl')
+    manifests = [*make_manifests(m), long_rows]
+    local = run('local', manifests, tmp_path / 'local', rows_per_shard=3, max_row_bytes=1000)
+    beamed = run('beam', manifests, tmp_path / 'beam', rows_per_shard=3, max_row_bytes=1000)
+    too_long = [r['location'] for r in read_rejected(tmp_path / 'beam')
+                if any(e['reason'] == 'row_too_long' for e in r['errors'])]
+    assert f'{long_rows}:2' in too_long and f'{long_rows}:4' in too_long
+    assert beamed == local
+    assert_same_store(tmp_path / 'local', tmp_path / 'beam')
+
+
 def test_fail_policy_stops_at_the_same_row(manifest_maker, tmp_path):
     manifests = make_manifests(manifest_maker)
     errors = []

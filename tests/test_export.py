@@ -409,6 +409,23 @@ def test_random_export_is_a_fresh_seeded_backbone(tmp_path):
     np.testing.assert_allclose(kernel.std(), np.sqrt(2 / (9 * 32)), rtol=0.05)
 
 
+def test_writing_an_export_leaves_orbaxs_operation_counter_alone(tmp_path):
+    """Process 0 writes exports alone. A Checkpointer save there advanced Orbax's process-wide
+    operation counter on process 0 only, and the next training save of a 2-process run then
+    had process 1 write into a step directory process 0 had not created yet (seen in CI)."""
+    from orbax.checkpoint._src.futures.synchronization import OperationIdGenerator
+
+    variables = tiny_variables('resnet18')
+    before = OperationIdGenerator.get_current_operation_id()
+    export.write_export(tmp_path / 'e', variables,
+                        export.export_meta(variables, image_size=IMAGE_SIZE, source_kind='random'))
+    assert OperationIdGenerator.get_current_operation_id() == before
+    # Still a plain StandardCheckpointer checkpoint.
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore((tmp_path / 'e' / export.VARIABLES_DIR).absolute())
+    assert_trees_equal(restored, export.numpy_variables(variables))
+
+
 def export_stage(config, workdir):
     return stages.export_stage(configlib.with_workdir(config, workdir), workdir)
 

@@ -16,6 +16,7 @@ from PIL import Image
 from vise_jax import artifacts, posts
 from vise_jax.errors import InputError
 from vise_jax.inputs import sources
+from vise_jax.posts import claims as claims_lib
 from vise_jax.posts import images, ingestion, validate
 
 
@@ -601,3 +602,22 @@ def test_ingest_stage_takes_the_limits_and_re_encode_from_the_config(manifest_ma
     stages.ingest_stage(config, tmp_path)
     report = artifacts.read_json(tmp_path / 'posts' / 'report.json')
     assert report['rejected_rows_by_reason'] == {'image_too_large': 1}
+
+
+def test_id_claims_answer_like_a_dict_of_first_locations():
+    """IdClaims (24 bytes per id, sorted runs) against the dict it replaces, over many flushes
+    (runs of every size merged), duplicates within a chunk and across chunks, and a file
+    that was not named up front (a resumed run's manifests named otherwise)."""
+    rng = np.random.default_rng(0)
+    files = ['/data/a.jsonl', '/data/b.jsonl']
+    claims, expected = claims_lib.IdClaims(files), {}
+    line = 0
+    for chunk in range(40):
+        for _ in range(int(rng.integers(1, 60))):
+            line += 1
+            post_id = f'p{int(rng.integers(0, 1500))}'
+            location = f'{files[line % 2] if chunk < 35 else "other.jsonl"}:{line}'
+            assert claims.setdefault(post_id, location) == expected.setdefault(post_id, location)
+        claims.flush()
+    assert len(claims) == len(expected) > 500
+    assert all(claims.setdefault(key, 'x:1') == value for key, value in expected.items())

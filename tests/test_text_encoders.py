@@ -12,7 +12,7 @@ import pytest
 
 from vise_jax import precision, sharding
 from vise_jax.errors import InputError
-from vise_jax.text import base, minilm
+from vise_jax.text import base, minilm, sentencepiece_tfidf
 from vise_jax.text.sentencepiece_tfidf import SentencePieceTfidfEncoder
 
 FIXTURES = Path(__file__).resolve().parent / 'fixtures'
@@ -275,6 +275,34 @@ def test_sentencepiece_is_deterministic_for_a_seed(sp_encoder, comment_corpus):
     assert again.describe() == sp_encoder.describe()
     np.testing.assert_array_equal(again.encode(comment_corpus[:50]),
                                   sp_encoder.encode(comment_corpus[:50]))
+
+
+class Reiterable:
+    """A corpus that can be read again but has no len() or indexing: a store's stream."""
+
+    def __init__(self, texts):
+        self._texts = texts
+
+    def __iter__(self):
+        return iter(self._texts)
+
+
+@pytest.mark.parametrize('limit', [10, 1000])
+def test_sentencepiece_trains_on_a_stream_as_on_a_list(comment_corpus, limit):
+    corpus = [*comment_corpus[:300], '', '   '] * 2
+    sample = sentencepiece_tfidf._training_sample(Reiterable(corpus), limit, seed=5)
+    # The sample a list gives: a seeded choice among the non-empty texts, in their order.
+    non_empty = [t for t in corpus if t.strip()]
+    expected = non_empty if len(non_empty) <= limit else [
+        non_empty[i] for i in np.sort(np.random.default_rng(5).choice(len(non_empty), limit,
+                                                                      replace=False))]
+    assert sample == expected and len(sample) == min(limit, len(non_empty))
+    streamed = SentencePieceTfidfEncoder.train(Reiterable(comment_corpus), dim=16,
+                                               vocab_size=300, seed=3, max_train_texts=200)
+    listed = SentencePieceTfidfEncoder.train(comment_corpus, dim=16, vocab_size=300, seed=3,
+                                             max_train_texts=200)
+    np.testing.assert_array_equal(streamed.encode(comment_corpus[:20]),
+                                  listed.encode(comment_corpus[:20]))
 
 
 def test_sentencepiece_puts_similar_sentences_closer(sp_encoder):

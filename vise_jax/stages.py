@@ -127,17 +127,30 @@ def _make_encoder(embed: ml_collections.ConfigDict, store: posts.PostsStore, out
     if embed.encoder == 'minilm':
         return text.load_minilm(embed.model_dir or None, matmul_dtype=embed.matmul_dtype)
     if embed.encoder == 'sentencepiece':
-        # Trained once on the comments and kept beside the shards, so a resumed run reuses it.
+        # Trained once, by process 0, on a sample of the comments read from the store as a
+        # stream; kept beside the shards, so the other processes and a resumed run load it.
         saved = out / 'sentencepiece.npz'
-        if saved.exists():
-            return text.SentencePieceTfidfEncoder.load(saved)
-        comments = [c for post in store.iter_meta() for c in post.comments if c.strip()]
-        encoder = text.SentencePieceTfidfEncoder.train(
-            comments, dim=embed.sp_dim, vocab_size=embed.sp_vocab_size)
-        encoder.save(saved)
-        return encoder
+
+        def train_once():
+            if not saved.exists():
+                text.SentencePieceTfidfEncoder.train(
+                    _StoreComments(store), dim=embed.sp_dim, vocab_size=embed.sp_vocab_size
+                ).save(saved)
+
+        on_process_zero(train_once, 'embed: training the sentencepiece encoder')
+        return text.SentencePieceTfidfEncoder.load(saved)
     raise InputError(f"config.embed.encoder must be 'minilm' or 'sentencepiece', "
                      f'got {embed.encoder!r}')
+
+
+class _StoreComments:
+    """Every comment of the store, in post order, read afresh on each iteration."""
+
+    def __init__(self, store: posts.PostsStore):
+        self._store = store
+
+    def __iter__(self):
+        return (comment for post in self._store.iter_meta() for comment in post.comments)
 
 
 def embed_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
@@ -264,7 +277,7 @@ def export_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
                          f'directly (config.eval.exports) or copy it')
     else:
         write = functools.partial(export.export_checkpoint, source, out, step=step, **options)
-    meta = export.written_by_process_zero(write, out)
+    meta = _export_by_process_zero(write, out)
     log.info('export: %s -> %s', source, out)
     return meta
 
@@ -285,8 +298,14 @@ def baselines_stage(config: ml_collections.ConfigDict, workdir: Path) -> Record:
         else:
             write = functools.partial(export.random_export, config.model.name, config.model.width,
                                       config.input.image_size, config.seed, out, overwrite=True)
-        records[name] = export.written_by_process_zero(write, out)
+        records[name] = _export_by_process_zero(write, out)
     return records
+
+
+def _export_by_process_zero(write: Callable[[], dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Runs `write` (which writes the export at `out`) on process 0; every process returns the
+    export's metadata."""
+    return on_process_zero(write, f'export {out}') or export.read_export_meta(out)
 
 
 def _supervised_baseline(config: ml_collections.ConfigDict, workdir: Path) -> Path:

@@ -50,7 +50,6 @@ from vise_jax.export.format import (
     write_meta_file,
     write_torchvision,
     write_torchvision_layout,
-    written_by_process_zero,
 )
 from vise_jax.export.sources import (
     CheckpointBackbone,
@@ -70,5 +69,5 @@ __all__ = [
     'export_weights_file', 'format', 'import_state_dict', 'initial_variables', 'load_backbone',
     'load_export', 'numpy_variables', 'random_export', 'read_checkpoint', 'read_export_meta',
     'save_variables', 'sources', 'variables_sha256', 'write_export', 'write_meta_file',
-    'write_torchvision', 'write_torchvision_layout', 'written_by_process_zero',
+    'write_torchvision', 'write_torchvision_layout',
 ]

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -197,16 +197,24 @@ def complete_meta(variables: Variables, meta: Mapping[str, Any]) -> dict[str, An
 
 
 def _checkpointer() -> ocp.StandardCheckpointer:
-    """Orbax I/O by this process alone (no barrier with the others): exports are small and
-    written by one process."""
+    """Orbax reads by this process alone (no barrier with the others)."""
     return ocp.StandardCheckpointer(
         multiprocessing_options=checkpointing.local_process_options())
 
 
 def save_variables(path: Path, variables: Variables) -> None:
-    with _checkpointer() as ckptr:
-        ckptr.save(path.absolute(), variables)
-        ckptr.wait_until_finished()
+    """Writes `variables` as a StandardCheckpointer checkpoint in the new directory `path`.
+
+    Orbax's handler, not a Checkpointer: every Checkpointer save advances a process-wide
+    operation counter that names the directory-creation signals of the next saves, so a save
+    by process 0 alone would put the processes' counters out of step, and another process's
+    next training save would write into a step directory not yet created. Atomicity is the
+    caller's (the export's temporary directory)."""
+    path.mkdir()
+    handler = ocp.StandardCheckpointHandler(
+        multiprocessing_options=checkpointing.local_process_options())
+    handler.save(path.absolute(), args=ocp.args.StandardSave(variables))
+    handler.finalize(path.absolute())
 
 
 def write_meta_file(directory: Path, meta: Mapping[str, Any]) -> None:
@@ -363,21 +371,3 @@ def write_torchvision(export: Export | str | os.PathLike,
     if not isinstance(export, Export):
         export = load_export(export)
     return write_torchvision_layout(export.variables, export.meta, out_prefix)
-
-
-# ------------------------------------------------------------------------------ several processes
-
-
-def written_by_process_zero(write: Callable[[], dict[str, Any]],
-                            out: str | os.PathLike) -> dict[str, Any]:
-    """Runs `write` (which writes the export at `out`) on process 0 only; every process
-    returns the export's metadata once it is there."""
-    if jax.process_count() == 1:
-        return write()
-    from jax.experimental import multihost_utils
-
-    meta = write() if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices(f'vise_jax.export:{out}')
-    return meta or read_export_meta(out)
-
-

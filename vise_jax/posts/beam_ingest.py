@@ -9,12 +9,13 @@ checked and written by ingestion.py's own functions; this module only moves line
 The pipeline (g = a line's number over all manifests in order, from 0; shard = g // rows_per_shard,
 the single-process path's chunk, so shard k holds the same rows on either runner):
 
-  manifests -> CountLines                  lines per file (one worker per file)
-            -> ReadRows(first g per file)  lines:  (shard, (g, Line))
-                                           ids:    (id, (g, 'file:line')) for rows whose id parsed
-  ids   -> CombinePerKey(_FirstRowAndShards)  per id: its first row and the shards holding it
-        -> (shard, (id, first location))  for each later shard holding the id
-  lines + those claims -> CoGroupByKey(shard) -> WriteShard: ingestion._validate_chunk with the
+  manifests -> CountLines    per file: its lines, and the byte offset of every _STRIDE-th line
+            -> Layout        (side input) each file's first g, the shards, where to seek
+  manifests -> ReadIds       (id, g) for every row whose id parsed
+            -> CombinePerKey(_FirstRowAndShards)  per id: its first g and the shards holding it
+            -> (shard, (id, first g))  for each later shard holding the id
+  shards to write + those claims -> CoGroupByKey(shard) -> WriteShard: reads the shard's lines
+        from the manifests (seeking to a kept offset), ingestion._validate_chunk with the
         claims as its id -> first-location map (so later rows are duplicates exactly as in one
         process, the first row in (file, line) order keeping the id), then
         ingestion._commit_chunk (the shard's ArrayRecord files, rejected rows, chunk record)
@@ -22,8 +23,10 @@ the single-process path's chunk, so shard k holds the same rows on either runner
         and writes stage.json.
 
 Memory: the driver holds the list of manifest files and of shards already committed, never
-anything per post; a worker holds one shard's rows (as the single-process path does) and the
-duplicate check is a keyed combine, not an in-memory set. Images are read and decoded by the
+anything per post; a worker holds one shard's rows (as the single-process path does). Only ids
+and line numbers go through Beam's shuffle, never the rows: the duplicate check is a keyed
+combine, spread over the workers (and spilled to disk) by a distributed runner, held whole in
+memory by the in-process FnApiRunner (about 0.2 KB per post). Images are read and decoded by the
 workers. Resumption: a shard whose chunk record exists is not redone, whichever runner wrote it.
 Workers write into the stage directory, so on a distributed runner the workdir, the manifests and
 the images must be at the same paths on every worker (a shared filesystem).
@@ -31,12 +34,14 @@ the images must be at the same paths on every worker (a shared filesystem).
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
+import itertools
 import json
 import logging
 import os
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,58 +94,102 @@ def ingest(manifests: Sequence[str | os.PathLike], stage: artifacts.StageDir,
 def _build(pipeline, manifests: list[str], out: Path, options: ingestion.IngestOptions,
            committed: frozenset[int]) -> None:
     files = pipeline | 'Manifests' >> beam.Create(list(enumerate(manifests)))
-    first_lines = (files
-                   | 'CountLines' >> beam.Map(_count_lines, options.max_row_bytes)
-                   | 'AllCounts' >> beam.combiners.ToList()
-                   | 'FirstLines' >> beam.Map(_first_lines))
-    read = files | 'ReadRows' >> beam.ParDo(
-        _ReadRows(options, committed), beam.pvalue.AsSingleton(first_lines)
-    ).with_outputs(IDS, main='lines')
-    claims = (read[IDS]
+    layout = beam.pvalue.AsSingleton(
+        files
+        | 'CountLines' >> beam.Map(_count_lines, options.max_row_bytes)
+        | 'AllCounts' >> beam.combiners.ToList()
+        | 'Layout' >> beam.Map(_Layout, manifests, options.rows_per_shard))
+    claims = (files
+              | 'ReadIds' >> beam.ParDo(_ReadIds(options), layout)
               | 'FirstRowOfEachId' >> beam.CombinePerKey(
                   _FirstRowAndShards(options.rows_per_shard))
               | 'ClaimsByShard' >> beam.FlatMap(_claims_by_shard))
-    _ = ({'lines': read.lines, 'claims': claims}
+    shards = (pipeline
+              | 'Start' >> beam.Create([None])
+              | 'Shards' >> beam.FlatMap(lambda _, plan: ((shard, None) for shard in
+                                                          range(plan.num_shards)
+                                                          if shard not in committed), layout)
+              | 'Spread' >> beam.Reshuffle())
+    _ = ({'todo': shards, 'claims': claims}
          | 'ByShard' >> beam.CoGroupByKey()
-         | 'WriteShard' >> beam.ParDo(_WriteShard(out, options)))
+         | 'WriteShard' >> beam.ParDo(_WriteShard(out, options), layout))
 
 
-def _count_lines(element: tuple[int, str], max_row_bytes: int) -> tuple[int, int]:
+# A file's byte offset is kept every _STRIDE lines, so a shard's worker seeks near its first
+# line and reads only its own lines: lines never go through Beam's shuffle, only ids do.
+_STRIDE = 1024
+
+
+def _count_lines(element: tuple[int, str], max_row_bytes: int
+                 ) -> tuple[int, int, list[int]]:
+    """One manifest -> (its index, its number of lines, the byte offset of every _STRIDE-th
+    line from the first)."""
     index, path = element
-    return index, sum(1 for _ in validate.iter_manifest_lines([path], max_row_bytes))
+    count, offsets = 0, []
+    for offset, _ in validate.iter_file_lines(path, max_row_bytes, with_offsets=True):
+        if count % _STRIDE == 0:
+            offsets.append(offset)
+        count += 1
+    return index, count, offsets
 
 
-def _first_lines(counts: list[tuple[int, int]]) -> list[int]:
-    """Lines per file -> the global number of each file's first line."""
-    first, total = [], 0
-    for _, count in sorted(counts):
-        first.append(total)
-        total += count
-    return first
+class _Layout:
+    """Where each global line g (0-based over all manifests in order) is: its file, its line
+    number there, the shard holding it (g // rows_per_shard) and a byte offset to seek to."""
+
+    def __init__(self, counts: list[tuple[int, int, list[int]]], manifests: list[str],
+                 rows_per_shard: int):
+        counts = sorted(counts)
+        self.manifests = manifests
+        self.rows_per_shard = rows_per_shard
+        self.counts = [count for _, count, _ in counts]
+        self.offsets = [offsets for _, _, offsets in counts]
+        self.first = list(itertools.accumulate(self.counts, initial=0))   # per file, + total
+        self.num_shards = -(-self.first[-1] // rows_per_shard)
+
+    def first_line(self, index: int) -> int:
+        return self.first[index]
+
+    def location(self, g: int) -> str:
+        index = bisect.bisect_right(self.first, g) - 1
+        return f'{self.manifests[index]}:{g - self.first[index] + 1}'
+
+    def shard_lines(self, shard: int, max_row_bytes: int) -> Iterator[validate.Line]:
+        """The lines of `shard`, read from the manifests."""
+        start = shard * self.rows_per_shard
+        stop = min(start + self.rows_per_shard, self.first[-1])
+        while start < stop:
+            index = bisect.bisect_right(self.first, start) - 1
+            skip = start - self.first[index]       # lines of this file before the shard's
+            take = min(stop, self.first[index + 1]) - start
+            checkpoint = skip // _STRIDE
+            lines = validate.iter_file_lines(
+                self.manifests[index], max_row_bytes, offset=self.offsets[index][checkpoint],
+                number=checkpoint * _STRIDE)
+            before = skip - checkpoint * _STRIDE
+            yield from itertools.islice(lines, before, before + take)
+            lines.close()
+            start += take
 
 
-class _ReadRows(beam.DoFn):
-    """One manifest file -> its lines keyed by shard, and the ids of its rows."""
+class _ReadIds(beam.DoFn):
+    """One manifest file -> (id, g) for each row whose id parsed."""
 
-    def __init__(self, options: ingestion.IngestOptions, committed: frozenset[int]):
+    def __init__(self, options: ingestion.IngestOptions):
         self._options = options
-        self._committed = committed
 
-    def process(self, element: tuple[int, str], first_lines: list[int]):
+    def process(self, element: tuple[int, str], layout: _Layout):
         index, path = element
-        lines = validate.iter_manifest_lines([path], self._options.max_row_bytes)
-        for g, line in enumerate(lines, start=first_lines[index]):
-            shard = g // self._options.rows_per_shard
-            if shard not in self._committed:
-                yield shard, (g, line)
+        lines = validate.iter_file_lines(path, self._options.max_row_bytes)
+        for g, line in enumerate(lines, start=layout.first_line(index)):
             # Every row's id, committed shards' too: a later shard may hold its duplicates.
             for draft in ingestion._parse_rows([line], self._options):
                 if draft.post_id is not None:
-                    yield beam.pvalue.TaggedOutput(IDS, (draft.post_id, (g, line.location)))
+                    yield draft.post_id, g
 
 
 class _FirstRowAndShards(beam.CombineFn):
-    """Per id: the first row holding it, (g, location), and the set of shards holding it."""
+    """Per id: the first row holding it (its g) and the set of shards holding it."""
 
     def __init__(self, rows_per_shard: int):
         self._rows_per_shard = rows_per_shard
@@ -148,36 +197,37 @@ class _FirstRowAndShards(beam.CombineFn):
     def create_accumulator(self):
         return None, set()
 
-    def add_input(self, accumulator, row):
+    def add_input(self, accumulator, g):
         first, shards = accumulator
-        shards.add(row[0] // self._rows_per_shard)
-        return (row if first is None or row[0] < first[0] else first), shards
+        shards.add(g // self._rows_per_shard)
+        return (g if first is None else min(first, g)), shards
 
     def merge_accumulators(self, accumulators):
         first, shards = None, set()
         for other_first, other_shards in accumulators:
             shards |= other_shards
-            if other_first is not None and (first is None or other_first[0] < first[0]):
+            if other_first is not None and (first is None or other_first < first):
                 first = other_first
         return first, shards
 
     def extract_output(self, accumulator):
-        (g, location), shards = accumulator
-        return location, sorted(shards - {g // self._rows_per_shard})
+        g, shards = accumulator
+        return g, sorted(shards - {g // self._rows_per_shard})
 
 
 def _claims_by_shard(element):
-    """(id, (first location, later shards)) -> (shard, (id, first location)) for each of them.
+    """(id, (first g, later shards)) -> (shard, (id, first g)) for each of them.
 
     The shard of the first row needs no claim: there the first row claims the id itself.
     """
-    post_id, (location, shards) = element
+    post_id, (g, shards) = element
     for shard in shards:
-        yield shard, (post_id, location)
+        yield shard, (post_id, g)
 
 
 class _WriteShard(beam.DoFn):
-    """One shard's lines + the ids earlier shards own -> the committed shard (ingestion.py)."""
+    """A shard to write + the ids earlier shards own -> the committed shard (ingestion.py):
+    its lines are read from the manifests here."""
 
     def __init__(self, out: Path, options: ingestion.IngestOptions):
         self._out = out
@@ -191,12 +241,12 @@ class _WriteShard(beam.DoFn):
         if self._pool is not None:
             self._pool.shutdown()
 
-    def process(self, element):
+    def process(self, element, layout: _Layout):
         shard, grouped = element
-        lines = [line for _, line in sorted(grouped['lines'], key=lambda item: item[0])]
-        if not lines:
+        if not grouped['todo']:
             return  # committed before: only claims came for it
-        claims = dict(grouped['claims'])
+        lines = list(layout.shard_lines(shard, self._options.max_row_bytes))
+        claims = {post_id: layout.location(g) for post_id, g in grouped['claims']}
         result = ingestion._validate_chunk(lines, claims, self._options,
                                            ingestion._image_root(self._options), self._pool)
         ingestion._commit_chunk(self._out, shard, result, self._options.reaction_types)

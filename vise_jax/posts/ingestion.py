@@ -23,6 +23,7 @@ import tqdm
 
 from vise_jax import artifacts
 from vise_jax.errors import InputError
+from vise_jax.posts import claims as claims_lib
 from vise_jax.posts import store as store_lib
 from vise_jax.posts import validate
 from vise_jax.posts.schema import Post
@@ -33,6 +34,9 @@ FAIL = 'fail'
 SKIP = 'skip'
 REPORT = 'report.json'
 REJECTED = 'rejected.jsonl'
+# id -> the location of the first row holding it: IdClaims here, a dict of one shard's claims
+# on Beam.
+Claims = claims_lib.IdClaims | dict[str, str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +80,8 @@ def ingest(manifests: Sequence[str | os.PathLike], stage: artifacts.StageDir,
     manifests = _check_manifests(manifests)
     stage.prepare()
     out = stage.path
-    claims = _replay_committed_claims(out, options.reaction_types)
+    claims = claims_lib.IdClaims([str(m) for m in manifests])
+    _replay_committed_claims(out, options.reaction_types, claims)
     lines = validate.iter_manifest_lines(manifests, options.max_row_bytes)
     total_bytes = sum(os.path.getsize(m) for m in manifests)
     image_root = _image_root(options)
@@ -88,6 +93,7 @@ def ingest(manifests: Sequence[str | os.PathLike], stage: artifacts.StageDir,
             if _chunk_record(out, shard).exists():
                 continue  # committed by an earlier, interrupted run; its claims were replayed
             result = _validate_chunk(chunk, claims, options, image_root, pool)
+            claims.flush()
             _check_fail_policy(result.rejected, options)
             _commit_chunk(out, shard, result, options.reaction_types)
     return finish(stage, manifests, options, config)
@@ -146,7 +152,7 @@ def _parse_rows(chunk: Sequence[validate.Line], options: IngestOptions,
     return [validate.parse_line(line, options) for line in chunk if not line.is_blank]
 
 
-def _validate_chunk(chunk: list[validate.Line], claims: dict[str, str],
+def _validate_chunk(chunk: list[validate.Line], claims: Claims,
                     options: IngestOptions, image_root: Path | None,
                     pool: concurrent.futures.Executor) -> ChunkResult:
     """Every row of the chunk through validate.validate_row, then the duplicate-id check."""
@@ -168,8 +174,7 @@ def _validate_chunk(chunk: list[validate.Line], claims: dict[str, str],
     return result
 
 
-def _claim_id(row: Post | validate.Rejection,
-              claims: dict[str, str]) -> Post | validate.Rejection:
+def _claim_id(row: Post | validate.Rejection, claims: Claims) -> Post | validate.Rejection:
     """The first row with an id owns it; later rows with that id are duplicates."""
     post_id = row.post_id if isinstance(row, validate.Rejection) else row.id
     if post_id is None:
@@ -209,16 +214,16 @@ def _committed_shards(out: Path) -> list[int]:
     return sorted(int(p.stem.split('-')[1]) for p in out.glob('chunk-*.json'))
 
 
-def _replay_committed_claims(out: Path, reaction_types: Sequence[str]) -> dict[str, str]:
-    """Rebuilds the id -> first location map from chunks an interrupted run committed."""
-    claims: dict[str, str] = {}
+def _replay_committed_claims(out: Path, reaction_types: Sequence[str],
+                             claims: claims_lib.IdClaims) -> None:
+    """Claims the ids of the chunks an interrupted run committed."""
     for shard in _committed_shards(out):
         for post in store_lib.read_shard_meta(out, shard, reaction_types):
             claims.setdefault(post.id, post.source)
         for rejection in _read_jsonl(_chunk_rejected(out, shard)):
             if rejection['id'] is not None:
                 claims.setdefault(rejection['id'], rejection['location'])
-    return claims
+        claims.flush()
 
 
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

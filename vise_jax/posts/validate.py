@@ -200,14 +200,30 @@ def iter_manifest_lines(manifests: Sequence[str | os.PathLike],
     stand for it (parse_row rejects it as too long), the rest is skipped.
     """
     for manifest in manifests:
-        with open(manifest, 'rb') as f:
-            number = 0
-            while text := f.readline(max_row_bytes + 1):
-                number += 1
-                if len(text) > max_row_bytes and not text.endswith(b'\n'):
-                    while (rest := f.readline(1 << 20)) and not rest.endswith(b'\n'):
-                        pass
-                yield Line(str(manifest), number, text)
+        yield from iter_file_lines(manifest, max_row_bytes)
+
+
+def iter_file_lines(manifest: str | os.PathLike, max_row_bytes: int = RowOptions.max_row_bytes,
+                    *, offset: int = 0, number: int = 0,
+                    with_offsets: bool = False) -> Iterator[Line] | Iterator[tuple[int, Line]]:
+    """The lines of one manifest from byte `offset`, where line `number` + 1 starts (the start
+    of the file by default); with `with_offsets`, (byte offset of the line, line) pairs."""
+    with open(manifest, 'rb') as f:
+        f.seek(offset)
+        while True:
+            start = offset
+            text = f.readline(max_row_bytes + 1)
+            if not text:
+                return
+            offset += len(text)
+            number += 1
+            if len(text) > max_row_bytes and not text.endswith(b'\n'):
+                while rest := f.readline(1 << 20):
+                    offset += len(rest)
+                    if rest.endswith(b'\n'):
+                        break
+            line = Line(str(manifest), number, text)
+            yield (start, line) if with_offsets else line
 
 
 def validate_row(text: bytes, file: str | os.PathLike, line_number: int,

@@ -26,7 +26,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +66,12 @@ class SentencePieceTfidfEncoder:
     # -- training
 
     @classmethod
-    def train(cls, texts: Sequence[str], *, dim: int = 256, vocab_size: int = 8000,
+    def train(cls, texts: Iterable[str], *, dim: int = 256, vocab_size: int = 8000,
               seed: int = 0, projection: str = 'svd',
               max_train_texts: int = 200_000) -> SentencePieceTfidfEncoder:
         """Fits the pieces, idf and projection on (a seeded sample of at most
-        `max_train_texts` of) the non-empty `texts`.
+        `max_train_texts` of) the non-empty `texts`: a list, or an iterable that yields the
+        same texts each time (read twice; only the sample is held in memory).
 
         A vocabulary larger than the corpus supports is capped (sentencepiece's soft limit),
         with a warning; the actual size is in `describe()`.
@@ -164,12 +165,25 @@ class SentencePieceTfidfEncoder:
 # --------------------------------------------------------------------------- building blocks
 
 
-def _training_sample(texts: Sequence[str], limit: int, seed: int) -> list[str]:
-    non_empty = [t for t in texts if t.strip()]
-    if len(non_empty) <= limit:
-        return non_empty
-    keep = np.sort(np.random.default_rng(seed).choice(len(non_empty), limit, replace=False))
-    return [non_empty[i] for i in keep]
+def _training_sample(texts: Iterable[str], limit: int, seed: int) -> list[str]:
+    """A seeded sample of at most `limit` of the non-empty `texts`, in their order.
+
+    Two passes over `texts` (a list, or an iterable that yields the same texts each time it is
+    iterated, e.g. a store's comments), holding only the sample: memory does not grow with
+    the corpus."""
+    count = sum(1 for t in texts if t.strip())
+    if count <= limit:
+        return [t for t in texts if t.strip()]
+    keep = np.sort(np.random.default_rng(seed).choice(count, limit, replace=False))
+    sample, position = [], 0
+    non_empty = (t for t in texts if t.strip())
+    for index, text in enumerate(non_empty):
+        if index == keep[position]:
+            sample.append(text)
+            position += 1
+            if position == limit:
+                break
+    return sample
 
 
 def train_sentencepiece(texts: Sequence[str], vocab_size: int, seed: int) -> bytes:
