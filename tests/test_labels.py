@@ -285,3 +285,49 @@ def test_comment_heads_are_assigned_in_one_pass_over_the_embeddings(tmp_path, mo
         assert summary[name]['agreement']['mood'] == pytest.approx(report.agreement(ids, mood))
         assert every.shape[0] == len(ids)
     assert label_store.head_names == ['comments_k2', 'comments_k3', 'comments_k5', 'reactions_k2']
+
+
+@pytest.mark.parametrize('fit_sample', [1000, 25])
+def test_reaction_heads_are_assigned_in_a_streamed_pass_over_the_store(tmp_path, monkeypatch,
+                                                                        fit_sample):
+    """Reaction heads read the store a batch of posts at a time (7 here): labels, sizes, mean
+    profiles, example posts and agreement equal the computation over every post at once, k-means
+    fitted on every post with reactions or on a seeded sample of fit_sample of them."""
+    monkeypatch.setattr(clustering, '_POSTS_PER_BATCH', 7)
+    store, shards, latents = write_world(tmp_path)
+    settings = clustering.ClusterSettings(
+        comment_ks=(), reaction_ks=(2, 3), fit_sample=fit_sample, init='k-means++',
+        max_iters=20, tol=1e-4, reaction_log_total=True, nearest_per_cluster=3,
+        latents=str(latents), seed=0)
+    out = tmp_path / 'labels'
+    out.mkdir()
+    clustering.make_labels(store, shards, out, settings)
+    artifacts.StageDir(out, 'cluster', {}).finish({}, {})
+
+    counts = np.array([[p.reactions[t] for t in store.reaction_types] for p in store.iter_meta()])
+    features, has_signal = labels.reaction_features(counts, log_total=True)
+    rows = features[has_signal]
+    assert 25 < len(rows) < len(store)
+    sample = rows if fit_sample >= len(rows) else rows[np.sort(
+        np.random.default_rng(0).choice(len(rows), fit_sample, replace=False))]
+    label_store = labels.LabelStore(out)
+    summary = artifacts.read_json(out / 'report' / 'report.json')
+    for k in settings.reaction_ks:
+        name = f'reactions_k{k}'
+        centroids = kmeans.fit(sample, settings.kmeans_options(k, 'euclidean')).centroids
+        np.testing.assert_array_equal(np.load(out / 'centroids' / f'{name}.npy'), centroids)
+        ids, distances = kmeans.assign(rows, centroids)
+        np.testing.assert_array_equal(label_store.head(name).ids,
+                                      labels.reaction_head(k, has_signal, ids).ids)
+        record = artifacts.read_json(out / 'heads' / f'{name}.json')['summary']
+        assert record['sizes'] == np.bincount(ids, minlength=k).tolist()
+        profiles = np.zeros((k, len(store.reaction_types)), np.float32)
+        np.add.at(profiles, ids, rows[:, :len(store.reaction_types)])
+        profiles /= np.maximum(np.bincount(ids, minlength=k), 1)[:, None]
+        np.testing.assert_allclose(record['mean_profiles'], profiles, rtol=1e-6)
+        post_of_row = np.flatnonzero(has_signal)
+        assert record['example_posts'] == [
+            post_of_row[members].tolist() for members in
+            report.nearest_members(ids, distances, k, report.EXAMPLES_PER_CLUSTER)]
+        mood = np.arange(len(store))[has_signal] % 2
+        assert summary[name]['agreement']['mood'] == pytest.approx(report.agreement(ids, mood))

@@ -143,7 +143,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.cluster = ml_collections.ConfigDict()
     config.cluster.comment_ks = (1000, 5000)
     config.cluster.reaction_ks = (50,)
-    config.cluster.fit_sample = 1_000_000     # comments k-means is fitted on; all are assigned
+    config.cluster.fit_sample = 1_000_000     # rows k-means is fitted on (comments, and
+                                              # posts with reactions); all are assigned
     config.cluster.init = 'k-means||'         # k-means++ makes K sequential passes
     config.cluster.max_iters = 100
     config.cluster.tol = 1e-4

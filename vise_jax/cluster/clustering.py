@@ -9,12 +9,15 @@ nearest each centroid (report.NearestMembers, a bounded candidate set) and the c
 tables against known factors. Memory: one shard, the centroids and k * max(nearest_per_cluster,
 report.EXAMPLE_CANDIDATES) candidates per head; never every comment's id or post.
 
-Reactions: the per-post profile (labels.reaction_features) clustered for each K over the posts
-that have reactions; the (posts, reaction types) counts are held in memory.
+Reactions: the per-post profile (labels.reaction_features) of the posts that have reactions;
+for each K, k-means (euclidean) fitted on all of them or on a seeded sample of fit_sample
+(drawn once for all Ks), then every post assigned in a streamed pass over the store, its ids
+written as they come (labels.ArrayWriter). Memory: the sample and one batch of posts.
 
-The posts store is read once, streamed, for the post-id digest the labels are aligned with, the
-reaction counts and (with cluster.latents) the post ids; the texts of the nearest comments are
-read afterwards by random access (k * nearest_per_cluster posts per head).
+The posts store's metadata is streamed: once for the post-id digest the labels are aligned
+with, the reaction features' scale and (with cluster.latents) the post ids; then, with reaction
+heads, once for their sample and once per reaction K. The texts of the nearest comments are
+read by random access (k * nearest_per_cluster posts per head).
 """
 
 from __future__ import annotations
@@ -86,14 +89,13 @@ def make_labels(store: PostsStore, shards: EmbeddingShards, out: Path,
             summary = _comment_head(name, k, passes[name], store, settings.nearest_per_cluster)
             records[name] = _commit(out, name, labels.COMMENTS, k, centroids[name], summary,
                                     settings, shards, mesh)
-    rows = None   # shared by every reaction K
+    sample = None   # shared by every reaction K
     for name, k in reaction_heads.items():
         if name in pending:
-            if rows is None:
-                rows = _reaction_rows(posts.reactions, settings)
-            head, summary, centroids = _reaction_head(k, rows, len(store.reaction_types),
-                                                      settings, latents, mesh)
-            labels.save_head(out, head)
+            if sample is None:
+                sample = _reaction_sample(store, posts.reactions, settings)
+            summary, centroids = _reaction_head(k, sample, store, posts.reactions, out,
+                                                settings, latents, mesh)
             records[name] = _commit(out, name, labels.REACTIONS, k, centroids, summary, settings,
                                     shards, mesh)
     heads_index, summaries = {}, []
@@ -136,37 +138,86 @@ def _save_centroids(out: Path, name: str, centroids: np.ndarray) -> None:
 
 class _Posts(NamedTuple):
     num_posts: int
-    digest: str                     # labels.post_ids_digest of the store's posts
-    reactions: np.ndarray | None    # (posts, reaction types) float64 counts, when asked for
-    ids: list[str] | None           # the post ids, when asked for
+    digest: str                          # labels.post_ids_digest of the store's posts
+    reactions: _ReactionScale | None     # when asked for
+    ids: list[str] | None                # the post ids, when asked for
+
+
+class _ReactionScale(NamedTuple):
+    """What the reaction features of any post need from a pass over all of them."""
+    with_signal: int          # posts with at least one reaction
+    max_log_total: float      # the largest log(1 + total): the popularity feature's scale
+
+
+_POSTS_PER_BATCH = 65_536   # reaction rows are read, featurised and assigned this many at a time
 
 
 def _read_posts(store: PostsStore, *, reactions: bool, ids: bool) -> _Posts:
     """One streamed pass over the store's metadata; keeps only what is asked for."""
-    types = store.reaction_types
-    counts = np.zeros((len(store), len(types)), np.float64) if reactions else None
     kept_ids: list[str] | None = [] if ids else None
+    with_signal, max_log_total = 0, 0.0
+    batch: list[list[int]] = []
+
+    def add_batch():
+        nonlocal with_signal, max_log_total
+        totals = np.asarray(batch, np.float64).sum(axis=1)
+        with_signal += int((totals > 0).sum())
+        max_log_total = max(max_log_total, float(np.log1p(totals).max()))
+        batch.clear()
 
     def each_id():
-        for index, post in enumerate(store.iter_meta()):
-            if counts is not None:
-                counts[index] = [post.reactions[t] for t in types]
+        for post in store.iter_meta():
+            if reactions:
+                batch.append([post.reactions[t] for t in store.reaction_types])
+                if len(batch) == _POSTS_PER_BATCH:
+                    add_batch()
             if kept_ids is not None:
                 kept_ids.append(post.id)
             yield post.id
+        if batch:
+            add_batch()
 
     digest = labels.post_ids_digest(each_id())
-    return _Posts(len(store), digest, counts, kept_ids)
+    scale = _ReactionScale(with_signal, max_log_total) if reactions else None
+    return _Posts(len(store), digest, scale, kept_ids)
 
 
-class _ReactionRows(NamedTuple):
-    features: np.ndarray         # (posts with reactions, features)
-    has_signal: np.ndarray       # (posts,) bool
+def _reaction_batches(store: PostsStore, scale: _ReactionScale, log_total: bool):
+    """The posts' reaction features in store order, a batch at a time: (index of the batch's
+    first post, features of its posts with reactions (rows, features), has_signal (posts,))."""
+    types, batch, start = store.reaction_types, [], 0
+    for post in store.iter_meta():
+        batch.append([post.reactions[t] for t in types])
+        if len(batch) == _POSTS_PER_BATCH:
+            yield start, *_features(batch, scale, log_total)
+            start += len(batch)
+            batch = []
+    if batch:
+        yield start, *_features(batch, scale, log_total)
 
 
-def _reaction_rows(counts: np.ndarray, settings: ClusterSettings) -> _ReactionRows:
-    features, has_signal = labels.reaction_features(counts, settings.reaction_log_total)
-    return _ReactionRows(features[has_signal], has_signal)
+def _features(counts: list[list[int]], scale: _ReactionScale, log_total: bool):
+    features, has_signal = labels.reaction_features(np.asarray(counts, np.float64), log_total,
+                                                    log_total_scale=scale.max_log_total)
+    return features[has_signal], has_signal
+
+
+def _reaction_sample(store: PostsStore, scale: _ReactionScale,
+                     settings: ClusterSettings) -> np.ndarray:
+    """The reaction features k-means is fitted on: every post with reactions, or a seeded
+    sample of fit_sample of them (in store order), shared by every reaction K."""
+    if scale.with_signal == 0:
+        raise InputError('cluster: no post has reactions; drop cluster.reaction_ks')
+    chosen = np.arange(scale.with_signal)
+    if scale.with_signal > settings.fit_sample:
+        chosen = np.sort(np.random.default_rng(settings.seed).choice(
+            scale.with_signal, settings.fit_sample, replace=False))
+    parts, row = [], 0     # row: the number of the batch's first row with reactions
+    for _, rows, _ in _reaction_batches(store, scale, settings.reaction_log_total):
+        picked = chosen[np.searchsorted(chosen, row):np.searchsorted(chosen, row + len(rows))]
+        parts.append(rows[picked - row])
+        row += len(rows)
+    return np.concatenate(parts)
 
 
 def _comment_centroids(heads: dict[str, int], shards: EmbeddingShards, out: Path,
@@ -255,24 +306,41 @@ def _comment_head(name: str, k: int, found: CommentPass, store: PostsStore,
                    for factor, counts in found.contingency.items()})
 
 
-def _reaction_head(k, rows: _ReactionRows, num_types: int, settings, latents, mesh):
+def _reaction_head(k: int, sample: np.ndarray, store: PostsStore, scale: _ReactionScale,
+                   out: Path, settings: ClusterSettings, latents: dict[str, np.ndarray], mesh
+                   ) -> tuple[report.HeadSummary, np.ndarray]:
+    """Fits k-means on the sample, then assigns every post with reactions in one streamed pass
+    over the store, writing `<head>/ids.npy` (-1 for the posts without) as it goes."""
     name = labels.head_name(labels.REACTIONS, k)
-    features, has_signal = rows
-    result = _fit(name, features, settings.kmeans_options(k, 'euclidean'), mesh)
-    ids, distances = kmeans.assign(features, result.centroids, mesh=mesh,
-                                   matmul_precision=settings.matmul_precision)
-    sizes = np.bincount(ids, minlength=k)
-    profiles = np.zeros((k, num_types), np.float32)
-    np.add.at(profiles, ids, features[:, :num_types])
-    profiles /= np.maximum(sizes, 1)[:, None]
-    post_of_row = np.flatnonzero(has_signal)   # features hold only the posts with reactions
-    nearest = report.nearest_members(ids, distances, k, report.EXAMPLES_PER_CLUSTER)
+    centroids = _fit(name, sample, settings.kmeans_options(k, 'euclidean'), mesh).centroids
+    num_types = len(store.reaction_types)
+    sizes = np.zeros(k, np.int64)
+    sums = np.zeros((k, num_types), np.float32)
+    nearest = report.NearestMembers(k, report.EXAMPLES_PER_CLUSTER, 1)
+    counts = {factor: np.zeros((int(truth.max(initial=-1)) + 1, k), np.int64)
+              for factor, truth in latents.items()}
+    with labels.ArrayWriter(out / name / labels.IDS_FILE, np.int32, len(store)) as writer:
+        for start, rows, has_signal in _reaction_batches(store, scale,
+                                                         settings.reaction_log_total):
+            post_ids = np.full(len(has_signal), -1, np.int32)
+            if len(rows):
+                ids, distances = kmeans.assign(rows, centroids, mesh=mesh,
+                                               matmul_precision=settings.matmul_precision)
+                post_ids[has_signal] = ids
+                posts = start + np.flatnonzero(has_signal)
+                sizes += np.bincount(ids, minlength=k)
+                np.add.at(sums, ids, rows[:, :num_types])
+                nearest.add(ids, distances, posts[:, None])
+                for factor, truth in latents.items():
+                    counts[factor] += report.contingency(ids, truth[posts], *counts[factor].shape)
+            writer.write(post_ids)
+    sums /= np.maximum(sizes, 1)[:, None]      # the mean profile of each cluster
     summary = report.HeadSummary(
-        name, labels.REACTIONS, k, sizes, mean_profiles=profiles,
-        example_posts=[post_of_row[rows].tolist() for rows in nearest],
-        agreement={factor: report.agreement(ids, truth[has_signal])
-                   for factor, truth in latents.items()})
-    return labels.reaction_head(k, has_signal, ids), summary, result.centroids
+        name, labels.REACTIONS, k, sizes, mean_profiles=sums,
+        example_posts=[members[:, 0].tolist() for members in nearest.members()],
+        agreement={factor: report.agreement_from_contingency(table)
+                   for factor, table in counts.items()})
+    return summary, centroids
 
 
 def _fit(head: str, rows: np.ndarray, options: kmeans.KMeansOptions, mesh) -> kmeans.KMeansResult:

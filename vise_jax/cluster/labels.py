@@ -140,11 +140,13 @@ def class_head(column: str, post_ids: Sequence[str], classes_of: dict[str, str],
     return HeadLabels(head_name(column, k), CLASSES, k, ids), classes
 
 
-def reaction_features(counts: np.ndarray, log_total: bool) -> tuple[np.ndarray, np.ndarray]:
+def reaction_features(counts: np.ndarray, log_total: bool,
+                      log_total_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Reaction counts (N, types) -> (features, has_signal).
 
     Features are the normalised count distribution, plus optionally log(1 + total) divided by
-    the largest such value, so popularity weighs about as much as one reaction type.
+    the largest such value (`log_total_scale`, when the counts are a batch of all the posts),
+    so popularity weighs about as much as one reaction type.
     """
     counts = np.asarray(counts, np.float64)
     total = counts.sum(axis=1)
@@ -152,8 +154,8 @@ def reaction_features(counts: np.ndarray, log_total: bool) -> tuple[np.ndarray, 
     features = counts / np.maximum(total, 1.0)[:, None]
     if log_total:
         log_totals = np.log1p(total)
-        features = np.concatenate([features, (log_totals / max(log_totals.max(), 1e-12))[:, None]],
-                                  axis=1)
+        scale = log_totals.max(initial=0.0) if log_total_scale is None else log_total_scale
+        features = np.concatenate([features, (log_totals / max(scale, 1e-12))[:, None]], axis=1)
     return features.astype(np.float32), has_signal
 
 
@@ -168,6 +170,41 @@ def save_head(directory: Path, head: HeadLabels) -> None:
 def _save_array(path: Path, array: np.ndarray) -> None:
     with artifacts.atomic_path(path) as tmp, open(tmp, 'wb') as f:
         np.save(f, array, allow_pickle=False)
+
+
+class ArrayWriter:
+    """A 1-D .npy file of `length` items written in pieces (np.save's bytes), holding none of
+    them. Use as a context manager: the file is renamed into place when the block ends
+    normally, after checking that `length` items came, and removed if it raises."""
+
+    def __init__(self, path: str | os.PathLike, dtype, length: int):
+        self.path, self.dtype, self.length = Path(path), np.dtype(dtype), length
+        self.written = 0
+        self._stack = contextlib.ExitStack()
+        self._file = None
+
+    def __enter__(self) -> ArrayWriter:
+        tmp = self._stack.enter_context(artifacts.atomic_path(self.path))
+        self._file = self._stack.enter_context(open(tmp, 'wb'))
+        np.lib.format.write_array_header_1_0(self._file, {
+            'descr': np.lib.format.dtype_to_descr(self.dtype), 'fortran_order': False,
+            'shape': (self.length,)})
+        return self
+
+    def write(self, values: np.ndarray) -> None:
+        values = np.asarray(values, self.dtype)
+        if self.written + len(values) > self.length:
+            raise InputError(f'{self.path}: more than the {self.length} items announced')
+        self._file.write(values.tobytes())
+        self.written += len(values)
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if exc_type is None and self.written != self.length:
+            error = RuntimeError(f'{self.path}: {self.written} items written, '
+                                 f'{self.length} announced')
+            self._stack.__exit__(RuntimeError, error, None)
+            raise error
+        return self._stack.__exit__(exc_type, exc, traceback)
 
 
 def load_head(directory: Path, name: str, meta: dict[str, Any]) -> HeadLabels:
@@ -198,19 +235,13 @@ class CommentLabelsWriter:
         self.k, self.num_posts, self.num_rows = k, num_posts, num_rows
         self._stack = contextlib.ExitStack()
         head_dir = Path(directory) / self.name
-        self._offsets = self._open(head_dir / OFFSETS_FILE, np.int64, num_posts + 1)
-        self._ids = self._open(head_dir / IDS_FILE, np.int32, num_rows)
+        self._offsets = self._stack.enter_context(
+            ArrayWriter(head_dir / OFFSETS_FILE, np.int64, num_posts + 1))
+        self._ids = self._stack.enter_context(ArrayWriter(head_dir / IDS_FILE, np.int32,
+                                                          num_rows))
         self._rows = 0        # rows written so far
         self._next_post = 0   # the first post whose offset is not written yet
         self._last_post = 0   # the post of the last row written
-
-    def _open(self, path: Path, dtype, length: int):
-        tmp = self._stack.enter_context(artifacts.atomic_path(path))
-        f = self._stack.enter_context(open(tmp, 'wb'))  # noqa: SIM115 (closed by the stack)
-        np.lib.format.write_array_header_1_0(f, {
-            'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
-            'shape': (length,)})
-        return f
 
     def add(self, post_index: np.ndarray, cluster_ids: np.ndarray) -> None:
         """The next rows: their posts (non-decreasing, from where the last batch ended) and ids."""
@@ -230,7 +261,7 @@ class CommentLabelsWriter:
         if self._rows + len(post_index) > self.num_rows:
             raise InputError(f'{self.name}: more than the {self.num_rows} rows announced')
         self._write_offsets(int(post_index[-1]) + 1, post_index)
-        self._ids.write(cluster_ids.astype(np.int32).tobytes())
+        self._ids.write(cluster_ids)
         self._rows += len(post_index)
         self._last_post = int(post_index[-1])
 
@@ -239,7 +270,7 @@ class CommentLabelsWriter:
         for first in range(self._next_post, stop, _OFFSET_BLOCK):
             posts = np.arange(first, min(stop, first + _OFFSET_BLOCK), dtype=np.int64)
             offsets = self._rows + np.searchsorted(post_index, posts, side='left')
-            self._offsets.write(offsets.astype(np.int64).tobytes())
+            self._offsets.write(offsets)
         self._next_post = max(self._next_post, stop)
 
     def __enter__(self) -> CommentLabelsWriter:
