@@ -23,8 +23,8 @@ STAGE_FILES = {
     'world': ('posts.jsonl', 'latents.csv', 'images/**/*', 'downstream/**/*'),
     'posts': ('*.array_record', 'rejected.jsonl'),
     'embeddings': ('*.npy',),
-    'labels': ('*.npz', '*.npy', 'centroids/*', 'heads/*.npy'),
-    'baselines/supervised/labels': ('*.npz', '*.npy'),
+    'labels': ('*/ids.npy', '*/offsets.npy', 'centroids/*'),   # <head>/ids.npy: the labels
+    'baselines/supervised/labels': ('*/ids.npy',),
 }
 EXPORTS = ('vise', 'supervised', 'random')
 

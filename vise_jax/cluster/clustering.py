@@ -15,8 +15,8 @@ for each K, k-means (euclidean) fitted on all of them or on a seeded sample of f
 written as they come (labels.ArrayWriter). Memory: the sample and one batch of posts.
 
 The posts store's metadata is streamed: once for the post-id digest the labels are aligned
-with, the reaction features' scale and (with cluster.latents) the post ids; then, with reaction
-heads, once for their sample and once per reaction K. The texts of the nearest comments are
+with (and, with cluster.latents, the post ids); with reaction heads, once for the features'
+scale, once for their sample and once per reaction K. The texts of the nearest comments are
 read by random access (k * nearest_per_cluster posts per head).
 """
 
@@ -153,53 +153,50 @@ _POSTS_PER_BATCH = 65_536   # reaction rows are read, featurised and assigned th
 
 
 def _read_posts(store: PostsStore, *, reactions: bool, ids: bool) -> _Posts:
-    """One streamed pass over the store's metadata; keeps only what is asked for."""
+    """Streamed passes over the store's metadata; keeps only what is asked for."""
     kept_ids: list[str] | None = [] if ids else None
-    with_signal, max_log_total = 0, 0.0
-    batch: list[list[int]] = []
-
-    def add_batch():
-        nonlocal with_signal, max_log_total
-        totals = np.asarray(batch, np.float64).sum(axis=1)
-        with_signal += int((totals > 0).sum())
-        max_log_total = max(max_log_total, float(np.log1p(totals).max()))
-        batch.clear()
 
     def each_id():
         for post in store.iter_meta():
-            if reactions:
-                batch.append([post.reactions[t] for t in store.reaction_types])
-                if len(batch) == _POSTS_PER_BATCH:
-                    add_batch()
             if kept_ids is not None:
                 kept_ids.append(post.id)
             yield post.id
-        if batch:
-            add_batch()
 
     digest = labels.post_ids_digest(each_id())
-    scale = _ReactionScale(with_signal, max_log_total) if reactions else None
-    return _Posts(len(store), digest, scale, kept_ids)
+    return _Posts(len(store), digest, _reaction_scale(store) if reactions else None, kept_ids)
+
+
+def _count_batches(store: PostsStore):
+    """The posts' reaction counts in store order, (posts, reaction types) float64 arrays of
+    _POSTS_PER_BATCH posts at a time."""
+    batch = []
+    for post in store.iter_meta():
+        batch.append([post.reactions[t] for t in store.reaction_types])
+        if len(batch) == _POSTS_PER_BATCH:
+            yield np.asarray(batch, np.float64)
+            batch = []
+    if batch:
+        yield np.asarray(batch, np.float64)
+
+
+def _reaction_scale(store: PostsStore) -> _ReactionScale:
+    with_signal, max_log_total = 0, 0.0
+    for counts in _count_batches(store):
+        totals = counts.sum(axis=1)
+        with_signal += int((totals > 0).sum())
+        max_log_total = max(max_log_total, float(np.log1p(totals).max()))
+    return _ReactionScale(with_signal, max_log_total)
 
 
 def _reaction_batches(store: PostsStore, scale: _ReactionScale, log_total: bool):
     """The posts' reaction features in store order, a batch at a time: (index of the batch's
     first post, features of its posts with reactions (rows, features), has_signal (posts,))."""
-    types, batch, start = store.reaction_types, [], 0
-    for post in store.iter_meta():
-        batch.append([post.reactions[t] for t in types])
-        if len(batch) == _POSTS_PER_BATCH:
-            yield start, *_features(batch, scale, log_total)
-            start += len(batch)
-            batch = []
-    if batch:
-        yield start, *_features(batch, scale, log_total)
-
-
-def _features(counts: list[list[int]], scale: _ReactionScale, log_total: bool):
-    features, has_signal = labels.reaction_features(np.asarray(counts, np.float64), log_total,
-                                                    log_total_scale=scale.max_log_total)
-    return features[has_signal], has_signal
+    start = 0
+    for counts in _count_batches(store):
+        features, has_signal = labels.reaction_features(counts, log_total,
+                                                        log_total_scale=scale.max_log_total)
+        yield start, features[has_signal], has_signal
+        start += len(counts)
 
 
 def _reaction_sample(store: PostsStore, scale: _ReactionScale,
