@@ -27,7 +27,7 @@ import csv
 import dataclasses
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +53,26 @@ def head_name(kind: str, k: int) -> str:
 
 def post_ids_digest(post_ids: Iterable[str]) -> str:
     """Identifies the exact sequence of posts labels are aligned with."""
-    digest = hashlib.sha256()
-    for post_id in post_ids:
-        digest.update(post_id.encode('utf-8') + b'\n')
-    return digest.hexdigest()[:16]
+    digest = PostIdsDigest()
+    for _ in digest.passing(post_ids):
+        pass
+    return digest.hexdigest()
+
+
+class PostIdsDigest:
+    """`post_ids_digest` of the ids that pass through `passing`, for a stream that is used for
+    something else too."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+
+    def passing(self, post_ids: Iterable[str]) -> Iterator[str]:
+        for post_id in post_ids:
+            self._digest.update(post_id.encode('utf-8') + b'\n')
+            yield post_id
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()[:16]
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -330,9 +346,12 @@ class LabelStore:
             self._heads[name] = load_head(self.directory, name, self.head_info(name))
         return self._heads[name]
 
-    def check_aligned(self, post_ids: Iterable[str]) -> None:
-        """Raises unless these labels were made for exactly this sequence of posts."""
-        if post_ids_digest(post_ids) != self.index['post_ids_digest']:
+    def check_aligned(self, post_ids: Iterable[str] | PostIdsDigest) -> None:
+        """Raises unless these labels were made for exactly this sequence of posts (or the
+        posts whose ids passed through this digest)."""
+        digest = (post_ids.hexdigest() if isinstance(post_ids, PostIdsDigest)
+                  else post_ids_digest(post_ids))
+        if digest != self.index['post_ids_digest']:
             raise InputError(f'{self.directory}: labels were made for other posts than these '
                              '(post id digest differs); rerun the cluster stage')
 

@@ -47,7 +47,7 @@ import functools
 import gc
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -319,12 +319,14 @@ def pretrain_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     local_batch_size(inp.global_batch_size, process_count, mesh)
     images, post_ids = _pretrain_images(config, workdir)
     label_store = labels_lib.LabelStore(labels_dir or workdir / 'labels')
-    label_store.check_aligned(post_ids)
+    # One pass over the ids, a stream from the store: never every id in memory.
+    digest = labels_lib.PostIdsDigest()
+    held_out = sources.eval_membership(digest.passing(post_ids), inp.eval_fraction)
+    label_store.check_aligned(digest)
     specs = targets.head_specs(label_store, tuple(heads or inp.heads), inp.max_targets_per_post)
-    held_out = sources.eval_membership(post_ids, inp.eval_fraction)
     members = np.flatnonzero(held_out if split == EVAL else ~held_out)
     if not len(members):
-        raise InputError(f'the {split} split of {len(post_ids)} posts is empty '
+        raise InputError(f'the {split} split of {len(held_out)} posts is empty '
                          f'(input.eval_fraction={inp.eval_fraction})')
     loader = BatchLoader(images, members, make_transform(inp, split == TRAIN),
                          targets.PostTargets(label_store.directory, specs), config.seed)
@@ -338,10 +340,11 @@ def pretrain_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 
 def _pretrain_images(config: ml_collections.ConfigDict,
-                     workdir: Path) -> tuple[sources.ImageReader, list[str]]:
+                     workdir: Path) -> tuple[sources.ImageReader, Iterable[str]]:
     kind = config.input.pretrain_images
     if kind == STORE_IMAGES:
-        return sources.StoreImages(workdir / 'posts'), sources.store_post_ids(workdir / 'posts')
+        return (sources.StoreImages(workdir / 'posts'),
+                sources.iter_store_post_ids(workdir / 'posts'))
     if kind == MANIFEST_IMAGES:
         # The store's ids keep exactly the rows ingest accepted, in its order, so the labels
         # (made from the store) line up even when ingest rejected rows for their images.

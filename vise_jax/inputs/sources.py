@@ -29,7 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -158,7 +158,12 @@ def open_tfds(name: str, split: str, data_dir: str | None, image_key: str):
 
 def store_post_ids(store_dir: str | os.PathLike) -> list[str]:
     """Post ids of a posts store in index order (the labels are aligned with this sequence)."""
-    return [post.id for post in store_lib.PostsStore(store_dir).iter_meta()]
+    return list(iter_store_post_ids(store_dir))
+
+
+def iter_store_post_ids(store_dir: str | os.PathLike) -> Iterator[str]:
+    """`store_post_ids` as a stream."""
+    return (post.id for post in store_lib.PostsStore(store_dir).iter_meta())
 
 
 def manifest_posts(manifests: Sequence[str | os.PathLike], image_root: str,
@@ -203,15 +208,14 @@ def manifest_posts(manifests: Sequence[str | os.PathLike], image_root: str,
     return FileImages(entries), post_ids
 
 
-def eval_membership(post_ids: Sequence[str], eval_fraction: float) -> np.ndarray:
+def eval_membership(post_ids: Iterable[str], eval_fraction: float) -> np.ndarray:
     """bool [N]: True for the posts held out for evaluation (a hash of the id < fraction)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise InputError(f'input.eval_fraction must be in [0, 1), got {eval_fraction}')
     threshold = int(eval_fraction * 2 ** 64)
     return np.fromiter(
         (int.from_bytes(hashlib.blake2b(post_id.encode('utf-8'), digest_size=8).digest(),
-                        'little') < threshold for post_id in post_ids),
-        dtype=bool, count=len(post_ids))
+                        'little') < threshold for post_id in post_ids), dtype=bool)
 
 
 # --- downstream sets -----------------------------------------------------------------------
