@@ -142,9 +142,9 @@ class _Layout:
         counts = sorted(counts)
         self.manifests = manifests
         self.rows_per_shard = rows_per_shard
-        self.counts = [count for _, count, _ in counts]
         self.offsets = [offsets for _, _, offsets in counts]
-        self.first = list(itertools.accumulate(self.counts, initial=0))   # per file, + total
+        self.first = list(itertools.accumulate((count for _, count, _ in counts),
+                                               initial=0))   # each file's first g, then total
         self.num_shards = -(-self.first[-1] // rows_per_shard)
 
     def first_line(self, index: int) -> int:
