@@ -172,6 +172,7 @@ class _Layout:
             start += take
 
 
+@beam.typehints.with_output_types(tuple[str, int])   # encoded as such, not pickled
 class _ReadIds(beam.DoFn):
     """One manifest file -> (id, g) for each row whose id parsed."""
 
@@ -189,30 +190,32 @@ class _ReadIds(beam.DoFn):
 
 
 class _FirstRowAndShards(beam.CombineFn):
-    """Per id: the first row holding it (its g) and the set of shards holding it."""
+    """Per id: the first row holding it (its g) and the shards holding it, as one tuple of
+    ints (first g, shard, shard, ...) encoded as varints: a few bytes per id where a runner
+    holds or shuffles the accumulators."""
 
     def __init__(self, rows_per_shard: int):
         self._rows_per_shard = rows_per_shard
 
     def create_accumulator(self):
-        return None, set()
+        return ()
 
     def add_input(self, accumulator, g):
-        first, shards = accumulator
-        shards.add(g // self._rows_per_shard)
-        return (g if first is None else min(first, g)), shards
+        return self.merge_accumulators([accumulator, (g, g // self._rows_per_shard)])
 
     def merge_accumulators(self, accumulators):
-        first, shards = None, set()
-        for other_first, other_shards in accumulators:
-            shards |= other_shards
-            if other_first is not None and (first is None or other_first < first):
-                first = other_first
-        return first, shards
+        accumulators = [a for a in accumulators if a]
+        if len(accumulators) <= 1:
+            return accumulators[0] if accumulators else ()
+        first = min(a[0] for a in accumulators)
+        return (first, *sorted({shard for a in accumulators for shard in a[1:]}))
 
     def extract_output(self, accumulator):
-        g, shards = accumulator
-        return g, sorted(shards - {g // self._rows_per_shard})
+        g, *shards = accumulator
+        return g, [shard for shard in shards if shard != g // self._rows_per_shard]
+
+    def get_accumulator_coder(self):
+        return beam.coders.TupleSequenceCoder(beam.coders.VarIntCoder())
 
 
 def _claims_by_shard(element):
