@@ -26,8 +26,9 @@ Memory: the driver holds the list of manifest files and of shards already commit
 anything per post; a worker holds one shard's rows (as the single-process path does). Only ids
 and line numbers go through Beam's shuffle, never the rows: the duplicate check is a keyed
 combine, spread over the workers (and spilled to disk) by a distributed runner, held whole in
-memory by the in-process FnApiRunner (about 0.2 KB per post). Images are read and decoded by the
-workers. Resumption: a shard whose chunk record exists is not redone, whichever runner wrote it.
+memory by the in-process FnApiRunner (~250 B per post at 1M posts, bench/README.md). Images
+are read and decoded by the workers. Resumption: a shard whose chunk record exists is not
+redone, whichever runner wrote it.
 Workers write into the stage directory, so on a distributed runner the workdir, the manifests and
 the images must be at the same paths on every worker (a shared filesystem).
 """
