@@ -11,8 +11,9 @@ the single-process path's chunk, so shard k holds the same rows on either runner
 
   manifests -> CountLines    per file: its lines, and the byte offset of every _STRIDE-th line
             -> Layout        (side input) each file's first g, the shards, where to seek
-  manifests -> ReadIds       (id, g) for every row whose id parsed
-            -> CombinePerKey(_FirstRowAndShards)  per id: its first g and the shards holding it
+  manifests -> ReadIds       (bucket, [(id, g), ...]) for the rows whose id parsed, batched
+                             per hash bucket of the id (one bucket per shard)
+            -> GroupByKey(bucket) -> per bucket: each id's first g and the shards holding it
             -> (shard, (id, first g))  for each later shard holding the id
   shards to write + those claims -> CoGroupByKey(shard) -> WriteShard: reads the shard's lines
         from the manifests (seeking to a kept offset), ingestion._validate_chunk with the
@@ -23,20 +24,20 @@ the single-process path's chunk, so shard k holds the same rows on either runner
         and writes stage.json.
 
 Memory: the driver holds the list of manifest files and of shards already committed, never
-anything per post; a worker holds one shard's rows (as the single-process path does). Only ids
-and line numbers go through Beam's shuffle, never the rows: the duplicate check is a keyed
-combine, spread over the workers (and spilled to disk) by a distributed runner, held whole in
-memory by the in-process FnApiRunner (~250 B per post at 1M posts, bench/README.md). Images
-are read and decoded by the workers. Resumption: a shard whose chunk record exists is not
-redone, whichever runner wrote it.
-Workers write into the stage directory, so on a distributed runner the workdir, the manifests and
-the images must be at the same paths on every worker (a shared filesystem).
+anything per post; a worker holds one shard's rows (as the single-process path does), or one
+bucket's ids. Only ids and line numbers go through Beam's shuffle, packed in batches, never the
+rows: a distributed runner spreads them over its workers (and disks), the in-process FnApiRunner
+holds them in memory (a few tens of bytes per post). Images are read and decoded by the
+workers. Resumption: a shard whose chunk record exists is not redone, whichever runner wrote
+it. Workers write into the stage directory, so on a distributed runner the workdir, the
+manifests and the images must be at the same paths on every worker (a shared filesystem).
 """
 
 from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import hashlib
 import itertools
 import json
 import logging
@@ -102,9 +103,8 @@ def _build(pipeline, manifests: list[str], out: Path, options: ingestion.IngestO
         | 'Layout' >> beam.Map(_Layout, manifests, options.rows_per_shard))
     claims = (files
               | 'ReadIds' >> beam.ParDo(_ReadIds(options), layout)
-              | 'FirstRowOfEachId' >> beam.CombinePerKey(
-                  _FirstRowAndShards(options.rows_per_shard))
-              | 'ClaimsByShard' >> beam.FlatMap(_claims_by_shard))
+              | 'IdsByBucket' >> beam.GroupByKey()
+              | 'Claims' >> beam.FlatMap(_claims_of_bucket, options.rows_per_shard))
     shards = (pipeline
               | 'Start' >> beam.Create([None])
               | 'Shards' >> beam.FlatMap(lambda _, plan: ((shard, None) for shard in
@@ -173,60 +173,57 @@ class _Layout:
             start += take
 
 
-@beam.typehints.with_output_types(tuple[str, int])   # encoded as such, not pickled
+# Ids are grouped by a hash bucket, one bucket per shard, not by id: a runner then holds or
+# shuffles a few packed batches per bucket, not one entry per id (the in-process runner
+# keeps its groupings in memory), and a worker sees one bucket's ids (N / shards) at a time.
+_BATCH = 1024   # (id, g) pairs a manifest's reader packs into one element per bucket
+
+
+@beam.typehints.with_output_types(tuple[int, list[tuple[str, int]]])  # encoded, not pickled
 class _ReadIds(beam.DoFn):
-    """One manifest file -> (id, g) for each row whose id parsed."""
+    """One manifest file -> (bucket, [(id, g), ...]) batches for the rows whose id parsed."""
 
     def __init__(self, options: ingestion.IngestOptions):
         self._options = options
 
     def process(self, element: tuple[int, str], layout: _Layout):
         index, path = element
+        buckets = max(layout.num_shards, 1)
+        batches: dict[int, list[tuple[str, int]]] = {}
         lines = validate.iter_file_lines(path, self._options.max_row_bytes)
         for g, line in enumerate(lines, start=layout.first_line(index)):
             # Every row's id, committed shards' too: a later shard may hold its duplicates.
             for draft in ingestion._parse_rows([line], self._options):
                 if draft.post_id is not None:
-                    yield draft.post_id, g
+                    bucket = _bucket(draft.post_id, buckets)
+                    batch = batches.setdefault(bucket, [])
+                    batch.append((draft.post_id, g))
+                    if len(batch) == _BATCH:
+                        yield bucket, batches.pop(bucket)
+        yield from batches.items()
 
 
-class _FirstRowAndShards(beam.CombineFn):
-    """Per id: the first row holding it (its g) and the shards holding it, as one tuple of
-    ints (first g, shard, shard, ...) encoded as varints: a few bytes per id where a runner
-    holds or shuffles the accumulators."""
-
-    def __init__(self, rows_per_shard: int):
-        self._rows_per_shard = rows_per_shard
-
-    def create_accumulator(self):
-        return ()
-
-    def add_input(self, accumulator, g):
-        return self.merge_accumulators([accumulator, (g, g // self._rows_per_shard)])
-
-    def merge_accumulators(self, accumulators):
-        accumulators = [a for a in accumulators if a]
-        if len(accumulators) <= 1:
-            return accumulators[0] if accumulators else ()
-        first = min(a[0] for a in accumulators)
-        return (first, *sorted({shard for a in accumulators for shard in a[1:]}))
-
-    def extract_output(self, accumulator):
-        g, *shards = accumulator
-        return g, [shard for shard in shards if shard != g // self._rows_per_shard]
-
-    def get_accumulator_coder(self):
-        return beam.coders.TupleSequenceCoder(beam.coders.VarIntCoder())
+def _bucket(post_id: str, buckets: int) -> int:
+    digest = hashlib.blake2b(post_id.encode('utf-8'), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') % buckets
 
 
-def _claims_by_shard(element):
-    """(id, (first g, later shards)) -> (shard, (id, first g)) for each of them.
-
-    The shard of the first row needs no claim: there the first row claims the id itself.
-    """
-    post_id, (g, shards) = element
-    for shard in shards:
-        yield shard, (post_id, g)
+def _claims_of_bucket(element, rows_per_shard: int):
+    """One bucket's ids -> (shard, (id, first g)) for every later shard that holds an id: the
+    shard of an id's first row (in (file, line) order) needs no claim, its row claims it."""
+    _, batches = element
+    first: dict[str, int] = {}
+    shards: dict[str, set[int]] = {}        # only the ids seen more than once
+    for batch in batches:
+        for post_id, g in batch:
+            earlier = first.setdefault(post_id, g)
+            if earlier != g:
+                shards.setdefault(post_id, {earlier // rows_per_shard}).add(g // rows_per_shard)
+                first[post_id] = min(earlier, g)
+    for post_id, held in shards.items():
+        g = first[post_id]
+        for shard in sorted(held - {g // rows_per_shard}):
+            yield shard, (post_id, g)
 
 
 class _WriteShard(beam.DoFn):
