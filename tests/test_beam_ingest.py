@@ -94,9 +94,11 @@ def test_shard_workers_seek_to_their_lines_and_ids_come_in_batches(manifest_make
     """Workers read their shard's lines from the manifests, seeking to a byte offset kept every
     _STRIDE lines: with a stride of 2 and 3 rows per shard, shards start at every position
     relative to a kept offset, mid-file and across files, and after a too-long line. Ids reach
-    their bucket in batches of 2, so duplicates meet across batches."""
-    monkeypatch.setattr(beam_ingest, '_STRIDE', 2)    # the in-process runner sees both
+    their bucket in batches of at most 2 (a reader holding 5 sends them all), so duplicates
+    meet across batches."""
+    monkeypatch.setattr(beam_ingest, '_STRIDE', 2)    # the in-process runner sees these
     monkeypatch.setattr(beam_ingest, '_BATCH', 2)
+    monkeypatch.setattr(beam_ingest, '_PENDING', 5)
     m = manifest_maker
     long_rows = m.write([m.post('a'), m.post('long', comments=['x' * 5000]), m.post('b'),
                          '{"id": "' + 'y' * 3000, m.post('c'), m.post('d')], name='long.jsonl')

@@ -177,6 +177,7 @@ class _Layout:
 # shuffles a few packed batches per bucket, not one entry per id (the in-process runner
 # keeps its groupings in memory), and a worker sees one bucket's ids (N / shards) at a time.
 _BATCH = 1024   # (id, g) pairs a manifest's reader packs into one element per bucket
+_PENDING = 1 << 18   # pairs a reader holds at most: then every bucket's batch goes out
 
 
 @beam.typehints.with_output_types(tuple[int, list[tuple[str, int]]])  # encoded, not pickled
@@ -190,16 +191,23 @@ class _ReadIds(beam.DoFn):
         index, path = element
         buckets = max(layout.num_shards, 1)
         batches: dict[int, list[tuple[str, int]]] = {}
+        pending = 0
         lines = validate.iter_file_lines(path, self._options.max_row_bytes)
         for g, line in enumerate(lines, start=layout.first_line(index)):
             # Every row's id, committed shards' too: a later shard may hold its duplicates.
             for draft in ingestion._parse_rows([line], self._options):
-                if draft.post_id is not None:
-                    bucket = _bucket(draft.post_id, buckets)
-                    batch = batches.setdefault(bucket, [])
-                    batch.append((draft.post_id, g))
-                    if len(batch) == _BATCH:
-                        yield bucket, batches.pop(bucket)
+                if draft.post_id is None:
+                    continue
+                bucket = _bucket(draft.post_id, buckets)
+                batch = batches.setdefault(bucket, [])
+                batch.append((draft.post_id, g))
+                pending += 1
+                if len(batch) == _BATCH:
+                    pending -= len(batch)
+                    yield bucket, batches.pop(bucket)
+                elif pending >= _PENDING:    # many buckets, one big file: bound the reader
+                    yield from batches.items()
+                    batches, pending = {}, 0
         yield from batches.items()
 
 
