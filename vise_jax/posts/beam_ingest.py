@@ -24,13 +24,14 @@ the single-process path's chunk, so shard k holds the same rows on either runner
         and writes stage.json.
 
 Memory: the driver holds the list of manifest files and of shards already committed, never
-anything per post; a worker holds one shard's rows (as the single-process path does), or one
-bucket's ids. Only ids and line numbers go through Beam's shuffle, packed in batches, never the
-rows: a distributed runner spreads them over its workers (and disks), the in-process FnApiRunner
-holds them in memory (a few tens of bytes per post). Images are read and decoded by the
-workers. Resumption: a shard whose chunk record exists is not redone, whichever runner wrote
-it. Workers write into the stage directory, so on a distributed runner the workdir, the
-manifests and the images must be at the same paths on every worker (a shared filesystem).
+anything per post; a worker holds one shard's rows (as the single-process path does), one
+bucket's ids, or at most _PENDING ids of the manifest it reads. Only ids and line numbers go
+through Beam's shuffle, packed in batches, never the rows: a distributed runner spreads them
+over its workers (and disks), the in-process FnApiRunner holds them in memory (a few tens of
+bytes per post). Images are read and decoded by the workers. Resumption: a shard whose chunk
+record exists is not redone, whichever runner wrote it. Workers write into the stage
+directory, so on a distributed runner the workdir, the manifests and the images must be at the
+same paths on every worker (a shared filesystem).
 """
 
 from __future__ import annotations
