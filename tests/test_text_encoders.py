@@ -288,7 +288,7 @@ class Reiterable:
 
 
 @pytest.mark.parametrize('limit', [10, 1000])
-def test_sentencepiece_trains_on_a_stream_as_on_a_list(comment_corpus, limit):
+def test_sentencepiece_samples_a_stream_as_a_list(comment_corpus, limit):
     corpus = [*comment_corpus[:300], '', '   '] * 2
     sample = sentencepiece_tfidf._training_sample(Reiterable(corpus), limit, seed=5)
     # The sample a list gives: a seeded choice among the non-empty texts, in their order.
@@ -297,6 +297,9 @@ def test_sentencepiece_trains_on_a_stream_as_on_a_list(comment_corpus, limit):
         non_empty[i] for i in np.sort(np.random.default_rng(5).choice(len(non_empty), limit,
                                                                       replace=False))]
     assert sample == expected and len(sample) == min(limit, len(non_empty))
+
+
+def test_sentencepiece_trains_on_a_stream_as_on_a_list(comment_corpus):
     streamed = SentencePieceTfidfEncoder.train(Reiterable(comment_corpus), dim=16,
                                                vocab_size=300, seed=3, max_train_texts=200)
     listed = SentencePieceTfidfEncoder.train(comment_corpus, dim=16, vocab_size=300, seed=3,
