@@ -202,17 +202,19 @@ def test_batched_report_figures_equal_those_over_all_rows():
 # --- The cluster stage's comment heads: one pass over the embeddings for every K ----------------
 
 
-def write_world(directory, num_posts=60, dim=8, seed=3, rows_per_chunk=23):
+def write_world(directory, num_posts=60, dim=8, seed=3, rows_per_chunk=23, reactions=True):
     """A posts store (metadata only) and comment embeddings chunked by comment count, so that
-    some posts continue from one shard into the next."""
+    some posts continue from one shard into the next; `reactions=False`: none on any post."""
     rng = np.random.default_rng(seed)
     info = posts.ImageInfo('JPEG', 8, 8, 'RGB')
     store_posts = []
     for i in range(num_posts):
         comments = tuple(f'post {i} comment {c}' for c in range(rng.integers(0, 5)))
-        reactions = dict.fromkeys(posts.REACTION_TYPES, 0)
-        reactions['like'], reactions['sad'] = int(rng.integers(0, 4)), int(rng.integers(0, 3))
-        store_posts.append(posts.Post(f'p{i}', comments, reactions, info, f'x:{i}', image=b'x'))
+        counts = dict.fromkeys(posts.REACTION_TYPES, 0)
+        like, sad = int(rng.integers(0, 4)), int(rng.integers(0, 3))
+        if reactions:
+            counts['like'], counts['sad'] = like, sad
+        store_posts.append(posts.Post(f'p{i}', comments, counts, info, f'x:{i}', image=b'x'))
     store_dir = directory / 'posts'
     store_lib.write_shard(store_dir, 0, store_posts[:25], posts.REACTION_TYPES)
     store_lib.write_shard(store_dir, 1, store_posts[25:], posts.REACTION_TYPES)
@@ -331,3 +333,18 @@ def test_reaction_heads_are_assigned_in_a_streamed_pass_over_the_store(tmp_path,
             report.nearest_members(ids, distances, k, report.EXAMPLES_PER_CLUSTER)]
         mood = np.arange(len(store))[has_signal] % 2
         assert summary[name]['agreement']['mood'] == pytest.approx(report.agreement(ids, mood))
+
+
+def test_reaction_heads_without_any_reaction_say_so(tmp_path):
+    """No post has a reaction: the stage names the setting to drop, writes no reaction head, and
+    the comment heads it finished before stay committed."""
+    store, shards, _ = write_world(tmp_path, reactions=False)
+    settings = clustering.ClusterSettings(
+        comment_ks=(2,), reaction_ks=(3,), fit_sample=50, init='k-means++', max_iters=5,
+        tol=1e-4, reaction_log_total=True, nearest_per_cluster=3, latents='', seed=0)
+    out = tmp_path / 'labels'
+    out.mkdir()
+    with pytest.raises(InputError, match=r'no post has reactions; drop cluster.reaction_ks'):
+        clustering.make_labels(store, shards, out, settings)
+    assert not (out / 'reactions_k3').exists()
+    assert (out / 'heads' / 'comments_k2.json').is_file()

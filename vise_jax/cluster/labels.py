@@ -346,11 +346,12 @@ class LabelStore:
             self._heads[name] = load_head(self.directory, name, self.head_info(name))
         return self._heads[name]
 
-    def check_aligned(self, post_ids: Iterable[str] | PostIdsDigest) -> None:
-        """Raises unless these labels were made for exactly this sequence of posts (or the
-        posts whose ids passed through this digest)."""
-        digest = (post_ids.hexdigest() if isinstance(post_ids, PostIdsDigest)
-                  else post_ids_digest(post_ids))
+    def check_aligned(self, post_ids: Iterable[str]) -> None:
+        """Raises unless these labels were made for exactly this sequence of posts."""
+        self.check_digest(post_ids_digest(post_ids))
+
+    def check_digest(self, digest: str) -> None:
+        """`check_aligned` for posts whose `post_ids_digest` is already known."""
         if digest != self.index['post_ids_digest']:
             raise InputError(f'{self.directory}: labels were made for other posts than these '
                              '(post id digest differs); rerun the cluster stage')

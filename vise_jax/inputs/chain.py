@@ -322,7 +322,7 @@ def pretrain_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     # One pass over the ids, a stream from the store: never every id in memory.
     digest = labels_lib.PostIdsDigest()
     held_out = sources.eval_membership(digest.passing(post_ids), inp.eval_fraction)
-    label_store.check_aligned(digest)
+    label_store.check_digest(digest.hexdigest())
     specs = targets.head_specs(label_store, tuple(heads or inp.heads), inp.max_targets_per_post)
     members = np.flatnonzero(held_out if split == EVAL else ~held_out)
     if not len(members):

@@ -149,9 +149,6 @@ class _Layout:
                                                initial=0))   # each file's first g, then total
         self.num_shards = -(-self.first[-1] // rows_per_shard)
 
-    def first_line(self, index: int) -> int:
-        return self.first[index]
-
     def location(self, g: int) -> str:
         index = bisect.bisect_right(self.first, g) - 1
         return f'{self.manifests[index]}:{g - self.first[index] + 1}'
@@ -194,7 +191,7 @@ class _ReadIds(beam.DoFn):
         batches: dict[int, list[tuple[str, int]]] = {}
         pending = 0
         lines = validate.iter_file_lines(path, self._options.max_row_bytes)
-        for g, line in enumerate(lines, start=layout.first_line(index)):
+        for g, line in enumerate(lines, start=layout.first[index]):
             # Every row's id, committed shards' too: a later shard may hold its duplicates.
             for draft in ingestion._parse_rows([line], self._options):
                 if draft.post_id is None:
